@@ -1,0 +1,412 @@
+"""Typed run configuration: schema with defaults and docs, YAML loading, overrides, validation.
+
+Every knob of a run lives here as a dataclass field with a default and a one-line doc
+(`field(doc=...)`). A run is configured by a YAML file whose sections mirror the
+dataclasses below, plus any number of `--set section.key=value` overrides. Every
+problem is reported as a `ConfigError` whose message names the key and what is allowed;
+`main.py` turns it into one line on stderr and exit code 2 before any process starts
+talking to another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (one line, names the key)."""
+
+
+def field(default: Any, doc: str) -> Any:
+    """A schema field with its default and a one-line doc shown in the reference."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class RunConfig:
+    name: str = field("demo", "Run name; the run directory is output_dir/name.")
+    output_dir: str = field("runs", "Parent directory of run directories.")
+    seed: int = field(0, "Seed for model init, data order and augmentation.")
+    auto_resume: bool = field(True, "Resume from the run directory's latest checkpoint if there is one.")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = field("swin_debug", "Backbone name from the table in pretrain/models/backbones.py.")
+    img_size: int = field(0, "Input resolution in pixels; 0 = the backbone's default.")
+    window_size: int = field(0, "Attention window in tokens; 0 = the backbone's default.")
+    drop_path: float = field(0.1, "Stochastic depth rate at the last block (linear over depth).")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: Literal["supervised"] = field("supervised", "Training objective.")
+    num_classes: int = field(0, "Classifier outputs; 0 = number of classes in dataset.json.")
+    label_smoothing: float = field(0.1, "Label smoothing of the soft-target cross-entropy.")
+    mixup: float = field(0.0, "Mixup alpha; 0 disables Mixup.")
+    cutmix: float = field(0.0, "CutMix alpha; 0 disables CutMix.")
+    mixup_prob: float = field(1.0, "Probability of applying Mixup or CutMix to a batch.")
+    mixup_switch_prob: float = field(0.5, "Probability of CutMix instead of Mixup when both are on.")
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: list[float] = field([0.08, 1.0], "Area range [min, max] of the random resized crop.")
+    hflip: float = field(0.5, "Horizontal flip probability.")
+    auto_augment: str = field("rand-m9-mstd0.5-inc1", "timm auto-augment policy string; empty disables it.")
+    color_jitter: float = field(0.4, "Color jitter strength (timm ignores it when auto_augment is set).")
+    random_erasing: float = field(0.25, "Random erasing probability.")
+    interpolation: Literal["bicubic", "bilinear", "random"] = field("bicubic", "Resize interpolation.")
+    eval_crop_pct: float = field(0.875, "Center-crop fraction used for evaluation.")
+
+
+@dataclass
+class DataConfig:
+    root: str = field("", "Directory with dataset.json and the train-*/val-* shards from write_shards.")
+    workers: int = field(2, "DataLoader worker processes per rank.")
+    shuffle_buffer: int = field(2000, "Samples held in the training shuffle buffer per worker.")
+
+
+@dataclass
+class BatchConfig:
+    micro_batch: int = field(32, "Images per rank per forward/backward.")
+    global_batch: int = field(64, "Images per optimizer step over all ranks; accumulation is derived.")
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = field(1.25e-4, "Peak learning rate at global batch 512 (scaled linearly with batch).")
+    min_lr: float = field(1.25e-6, "Final learning rate of the cosine decay at batch 512 (scaled likewise).")
+    warmup_lr: float = field(1.25e-7, "Learning rate at step 0 at batch 512 (scaled likewise).")
+    weight_decay: float = field(0.05, "AdamW weight decay (not applied to norms, biases, position tables).")
+    betas: list[float] = field([0.9, 0.999], "AdamW betas.")
+    eps: float = field(1e-8, "AdamW epsilon.")
+    clip_grad: float = field(5.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = field(1000, "Optimizer steps of the whole run.")
+    warmup_steps: int = field(100, "Linear warmup steps from warmup_lr to the peak learning rate.")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = field(2, "DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3.")
+    offload_optimizer: bool = field(False, "Keep optimizer state in CPU memory (ZeRO 1-3).")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = field(500, "Save a checkpoint every N optimizer steps (and always at the end).")
+    keep_last: int = field(3, "Number of most recent checkpoints kept on disk.")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = field(10, "Console line and TensorBoard scalars every N optimizer steps.")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = field(0, "Evaluate on the validation split every N steps; 0 = only at the end.")
+    micro_batch: int = field(64, "Images per rank per evaluation forward.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    precision: Literal["bf16", "fp16", "fp32"] = field("bf16", "Training precision (bf16/fp16 keep fp32 master weights).")
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with type checks that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], key) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        # YAML 1.1 reads `1e-3` as a string; accept any spelling float() understands.
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported schema type {tp} for {key}")
+
+
+def _unknown(key: str, allowed: list[str]) -> ConfigError:
+    last = key.rsplit(".", 1)[-1]
+    prefix = key[: len(key) - len(last)]
+    close = difflib.get_close_matches(last, allowed, n=1, cutoff=0.6)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (allowed: {', '.join(allowed)})"
+    return ConfigError(f"unknown key {key}{hint}")
+
+
+def _build(cls: type, values: Any, path: str) -> Any:
+    """Instantiate dataclass `cls` from a dict, checking keys and types."""
+    where = path or "the config root"
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise _unknown(full, list(fields))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `section.key=value`; the value is read as YAML (`3`, `true`, `[1, 2]`, `abc`)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r} has no key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                check: bool = True) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, type-check it and (if `check`) validate it.
+
+    `check=False` reads a run's saved config where its data may no longer exist (export).
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {p}{where} is not valid YAML") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    cfg = _build(Config, tree, "")
+    if check:
+        validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Validation of combinations; runs before any process group exists.
+
+
+def launch_world_size() -> int:
+    """World size announced by the launcher (deepspeed, torchrun, Slurm), 1 for plain python."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def dataset_info(root: str) -> dict[str, Any]:
+    """Read `dataset.json` of a shard directory, with a config error if it is missing or broken."""
+    path = Path(root) / "dataset.json"
+    if not root:
+        raise ConfigError("data.root is empty: set it to a directory written by pretrain.data.write_shards")
+    if not path.is_file():
+        raise ConfigError(f"data.root={root}: no dataset.json there (write shards with pretrain.data.write_shards)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data.root={root}: dataset.json is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check value ranges and combinations; raise ConfigError naming the offending key."""
+    from pretrain.models.backbones import BACKBONES, resolve_geometry
+
+    world = launch_world_size() if world_size is None else world_size
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+    need(cfg.model.arch in BACKBONES, f"model.arch={cfg.model.arch!r} is unknown (allowed: {', '.join(BACKBONES)})")
+    need(cfg.model.img_size >= 0, f"model.img_size={cfg.model.img_size} must be >= 0")
+    need(cfg.model.window_size >= 0, f"model.window_size={cfg.model.window_size} must be >= 0")
+    need(0.0 <= cfg.model.drop_path < 1.0, f"model.drop_path={cfg.model.drop_path} must be in [0, 1)")
+    resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+
+    o = cfg.objective
+    need(o.num_classes >= 0, f"objective.num_classes={o.num_classes} must be >= 0")
+    need(0.0 <= o.label_smoothing < 1.0, f"objective.label_smoothing={o.label_smoothing} must be in [0, 1)")
+    need(o.mixup >= 0 and o.cutmix >= 0, "objective.mixup and objective.cutmix must be >= 0")
+    need(0.0 <= o.mixup_prob <= 1.0, f"objective.mixup_prob={o.mixup_prob} must be in [0, 1]")
+    need(0.0 <= o.mixup_switch_prob <= 1.0, f"objective.mixup_switch_prob={o.mixup_switch_prob} must be in [0, 1]")
+
+    a = cfg.augment
+    need(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+         f"augment.crop_scale={a.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+    need(0.0 <= a.hflip <= 1.0, f"augment.hflip={a.hflip} must be in [0, 1]")
+    need(0.0 <= a.random_erasing <= 1.0, f"augment.random_erasing={a.random_erasing} must be in [0, 1]")
+    need(0.0 < a.eval_crop_pct <= 1.0, f"augment.eval_crop_pct={a.eval_crop_pct} must be in (0, 1]")
+
+    need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    need(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1")
+    info = dataset_info(cfg.data.root)
+    n_classes = len(info.get("classes", []))
+    need(o.num_classes in (0, n_classes),
+         f"objective.num_classes={o.num_classes} disagrees with the {n_classes} classes in {cfg.data.root}/dataset.json")
+
+    b = cfg.batch
+    need(b.micro_batch >= 1, f"batch.micro_batch={b.micro_batch} must be >= 1")
+    per_step = b.micro_batch * world
+    need(b.global_batch >= per_step and b.global_batch % per_step == 0,
+         f"batch.global_batch={b.global_batch} must be a multiple of batch.micro_batch x data-parallel ranks "
+         f"= {b.micro_batch} x {world} = {per_step}")
+
+    p = cfg.optim
+    need(p.base_lr > 0, f"optim.base_lr={p.base_lr} must be > 0")
+    need(0 <= p.min_lr <= p.base_lr, f"optim.min_lr={p.min_lr} must be in [0, optim.base_lr={p.base_lr}]")
+    need(0 <= p.warmup_lr <= p.base_lr, f"optim.warmup_lr={p.warmup_lr} must be in [0, optim.base_lr={p.base_lr}]")
+    need(p.weight_decay >= 0, f"optim.weight_decay={p.weight_decay} must be >= 0")
+    need(len(p.betas) == 2 and all(0 <= x < 1 for x in p.betas), f"optim.betas={p.betas} must be two numbers in [0, 1)")
+    need(p.eps > 0, f"optim.eps={p.eps} must be > 0")
+    need(p.clip_grad >= 0, f"optim.clip_grad={p.clip_grad} must be >= 0 (0 disables clipping)")
+
+    s = cfg.schedule
+    need(s.total_steps >= 1, f"schedule.total_steps={s.total_steps} must be >= 1")
+    need(0 <= s.warmup_steps < s.total_steps,
+         f"schedule.warmup_steps={s.warmup_steps} must be in [0, schedule.total_steps={s.total_steps})")
+
+    z = cfg.parallel
+    need(z.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={z.zero_stage} must be 0, 1, 2 or 3")
+    need(not (z.offload_optimizer and z.zero_stage == 0),
+         "parallel.offload_optimizer=true needs parallel.zero_stage 1, 2 or 3 (got 0)")
+    if cfg.precision == "fp16":
+        import torch
+
+        need(torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu",
+             "precision=fp16 needs a CUDA device; use precision=bf16 (or fp32) on CPU")
+
+    need(cfg.checkpoint.every_steps >= 1, f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be >= 1")
+    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
+    need(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
+    need(cfg.eval.every_steps >= 0, f"eval.every_steps={cfg.eval.every_steps} must be >= 0")
+    need(cfg.eval.micro_batch >= 1, f"eval.micro_batch={cfg.eval.micro_batch} must be >= 1")
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (loadable again with load_config)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README, generated from the schema."""
+    lines = ["| key | default | doc |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{key}` | `{json.dumps(default)}` | {f.metadata['doc']} |")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -1,0 +1,78 @@
+"""Evaluate an exported model with stock timm on a split of a shard directory.
+
+    python -m pretrain.evaluate --model EXPORT_DIR --data SHARD_DIR [--split val]
+
+The model is built by `timm.create_model("local-dir:EXPORT_DIR", pretrained=True)` and
+its preprocessing comes from the export's config.json, so this measures exactly what a
+downstream user of the export gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _batches(samples, transform, batch_size: int):
+    from pretrain.data.transforms import decode_sample
+
+    images, labels = [], []
+    for sample in samples:
+        image, label = decode_sample(sample)
+        images.append(transform(image))
+        labels.append(label)
+        if len(images) == batch_size:
+            yield torch.stack(images), torch.tensor(labels)
+            images, labels = [], []
+    if images:
+        yield torch.stack(images), torch.tensor(labels)
+
+
+def evaluate_export(model_dir: Path, data_dir: Path, split: str = "val", batch_size: int = 100) -> dict[str, float]:
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    import webdataset as wds
+
+    from pretrain.data.shards import wanted_member
+
+    info = json.loads((data_dir / "dataset.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    trained_on = config.get("pretrain", {}).get("label_map_version")
+    if trained_on and trained_on != info.get("label_map_version"):
+        raise SystemExit(f"error: {model_dir} was trained with label map {trained_on}, "
+                         f"{data_dir} has {info.get('label_map_version')}")
+    model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+
+    n = top1 = top5 = 0
+    urls = [str(data_dir / shard["name"]) for shard in info["splits"][split]["shards"]]
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(select_files=wanted_member))
+    for batch in _batches(samples, transform, batch_size):
+        images, labels = batch
+        with torch.no_grad():
+            topk = model(images).topk(min(5, model.num_classes), dim=-1).indices
+        top1 += int((topk[:, 0] == labels).sum())
+        top5 += int((topk == labels[:, None]).any(dim=1).sum())
+        n += len(labels)
+    return {"top1": top1 / max(1, n), "top5": top5 / max(1, n), "samples": n}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, required=True, help="directory written by pretrain.export")
+    ap.add_argument("--data", type=Path, required=True, help="shard directory with dataset.json")
+    ap.add_argument("--split", default="val", choices=["train", "val"])
+    args = ap.parse_args(argv)
+    r = evaluate_export(args.model, args.data, args.split)
+    print(f"held-out top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  on {r['samples']} {args.split} images "
+          f"(stock timm, {args.model})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

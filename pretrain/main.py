@@ -1,0 +1,102 @@
+"""Training entry point.
+
+    deepspeed [--num_gpus N] pretrain/main.py --config configs/X.yaml [--set section.key=value ...]
+    torchrun --nproc_per_node N pretrain/main.py --config ...
+    python pretrain/main.py --config ...            # one process
+
+Reads and validates the config (errors: one line, exit code 2), builds the backbone, the
+objective and the DeepSpeed engine, resumes from the run's latest checkpoint if any,
+and trains for `schedule.total_steps` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: import the package from the repository, not this directory's modules.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from pretrain.config import ConfigError, dump_config, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="pretrain/main.py", description="Pretrain a Swin backbone.")
+    ap.add_argument("--config", required=True, help="YAML config (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config value; repeatable")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from pretrain.config import dataset_info
+    from pretrain.models.backbones import build_backbone, resolve_geometry, BACKBONES
+    from pretrain.models.objectives import build_objective
+    from pretrain.parallel.deepspeed_config import deepspeed_config
+    from pretrain.parallel.topology import discover, init_distributed
+    from pretrain.train.metrics import Metrics
+    from pretrain.train.optim import build_optimizer, build_schedule, param_groups
+    from pretrain.train.trainer import Trainer
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    topo = discover()
+    init_distributed(topo)
+
+    dataset = dataset_info(cfg.data.root)
+    num_classes = cfg.objective.num_classes or len(dataset["classes"])
+    img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    model = build_backbone(cfg.model.arch, num_classes, cfg.model.img_size, cfg.model.window_size, cfg.model.drop_path)
+    groups, group_names = param_groups(model, cfg.optim.weight_decay)
+    schedule = build_schedule(cfg)
+    optimizer = build_optimizer(cfg, groups, schedule.peak)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, topo))
+    torch.manual_seed(cfg.run.seed * 1000 + topo.rank)  # per-rank stochastic depth, Mixup, ...
+
+    if topo.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, cfg.run_dir / "config.yaml")
+        # The class list travels with the run, so export works without the shards.
+        (cfg.run_dir / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    dist.barrier()
+    metrics = Metrics(cfg.run_dir, enabled=topo.is_main)
+    client_state = {
+        "arch": cfg.model.arch,
+        "num_classes": num_classes,
+        "label_map_version": dataset.get("label_map_version"),
+        "param_group_names": group_names,
+    }
+    trainer = Trainer(cfg, topo, engine, build_objective(cfg, num_classes), schedule, dataset, img_size,
+                      metrics, client_state)
+    trainer.resume()
+    trainer.fit()
+    metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Our config -> the DeepSpeed config dict. No hand-written DeepSpeed JSON anywhere else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.config import Config
+from pretrain.parallel.topology import Topology
+
+
+def accumulation_steps(cfg: Config, topo: Topology) -> int:
+    """Micro-batches per optimizer step on each rank: global / (micro x data-parallel size)."""
+    return cfg.batch.global_batch // (cfg.batch.micro_batch * topo.dp_size)
+
+
+def deepspeed_config(cfg: Config, topo: Topology) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.batch.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
+        "gradient_accumulation_steps": accumulation_steps(cfg, topo),
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
+        # We log our own metrics; DeepSpeed's periodic prints would interleave with ours.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision != "fp32":
+        # DeepSpeed casts parameters but leaves float buffers in fp32; Swin's attention
+        # mask and SwinV2's coordinate table must match the activations' dtype.
+        ds["data_types"] = {"buffer_dtype": cfg.precision}
+    return ds

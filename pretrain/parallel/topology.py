@@ -1,0 +1,65 @@
+"""Process layout of a run: who am I, how many of us, and which ranks share data.
+
+Every rank number the rest of the code uses comes from here. Today the layout is pure
+data parallelism (world = data-parallel size); pipeline and tensor degrees will be
+factored out of the world here, and only here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def dp_rank(self) -> int:
+        """Rank within the data-parallel group (selects this rank's share of the data)."""
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover() -> Topology:
+    """Read rank and world size from the launcher (deepspeed, torchrun); a lone process is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    return Topology(
+        rank=int(os.environ["RANK"]),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
+def init_distributed(topo: Topology) -> None:
+    """Start the default process group: NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    if on_gpu():
+        torch.cuda.set_device(topo.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=False)

@@ -1,0 +1,43 @@
+"""Run metrics: TensorBoard scalars, a JSON-lines copy, and the console line (rank 0 only).
+
+Scalars are namespaced (`train/loss`, `eval/top1`, ...). `metrics.jsonl` in the run
+directory holds the same numbers, one JSON object per logged step, for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class Metrics:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.jsonl = (run_dir / "metrics.jsonl").open("a")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Record scalars for `step` in TensorBoard and metrics.jsonl."""
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
