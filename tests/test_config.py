@@ -1,0 +1,116 @@
+"""Config schema: defaults, overrides, one-line errors with exit code 2, README reference in sync."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, dump_config, load_config, reference_markdown
+from tests.conftest import REPO, cpu_env
+
+
+def load(shards: Path, *overrides: str, path: str | None = "configs/demo.yaml", world: str = "1"):
+    import os
+
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = world
+    try:
+        return load_config(REPO / path if path else None, [f"data.root={shards}", *overrides])
+    finally:
+        if old is None:
+            os.environ.pop("WORLD_SIZE")
+        else:
+            os.environ["WORLD_SIZE"] = old
+
+
+def error_of(shards: Path, *overrides: str, **kw) -> str:
+    with pytest.raises(ConfigError) as e:
+        load(shards, *overrides, **kw)
+    return str(e.value)
+
+
+def test_overrides_are_typed_and_applied(shards):
+    cfg = load(shards, "optim.base_lr=1e-3", "batch.micro_batch=8", "augment.crop_scale=[0.5, 1]",
+               "run.auto_resume=false", "precision=fp32")
+    assert cfg.optim.base_lr == pytest.approx(1e-3)
+    assert cfg.batch.micro_batch == 8
+    assert cfg.augment.crop_scale == [0.5, 1.0]
+    assert cfg.run.auto_resume is False
+    assert cfg.precision == "fp32"
+
+
+def test_defaults_without_a_file(shards):
+    cfg = load(shards, "batch.global_batch=32", path=None)
+    assert cfg.model.arch == "swin_debug" and cfg.parallel.zero_stage == 2
+
+
+def test_unknown_key_suggests_the_close_one(shards):
+    assert error_of(shards, "optim.base_lrr=1") == "unknown key optim.base_lrr (did you mean optim.base_lr?)"
+    assert "unknown key optimm" in error_of(shards, "optimm.base_lr=1")
+    assert "allowed:" in error_of(shards, "batch.zzz=1")
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("batch.micro_batch=abc", "batch.micro_batch must be an integer, got 'abc'"),
+    ("batch.micro_batch=1.5", "batch.micro_batch must be an integer, got 1.5"),
+    ("optim.base_lr=fast", "optim.base_lr must be a number, got 'fast'"),
+    ("run.auto_resume=3", "run.auto_resume must be true or false, got 3"),
+    ("precision=fp8", "precision must be one of 'bf16', 'fp16', 'fp32', got 'fp8'"),
+    ("augment.crop_scale=0.5", "augment.crop_scale must be a list of float, got 0.5"),
+    ("optim=3", "optim must be a mapping of keys, got 3"),
+])
+def test_wrong_types(shards, override, expected):
+    assert error_of(shards, override) == expected
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["batch.global_batch=48"], "2", "batch.global_batch=48 must be a multiple of batch.micro_batch x data-parallel ranks = 32 x 2 = 64"),
+    (["parallel.offload_optimizer=true", "parallel.zero_stage=0"], "1", "parallel.offload_optimizer=true needs parallel.zero_stage"),
+    (["schedule.warmup_steps=2000"], "1", "schedule.warmup_steps=2000 must be in [0, schedule.total_steps=1500)"),
+    (["objective.num_classes=7"], "1", "objective.num_classes=7 disagrees with the 10 classes"),
+    (["model.arch=swin_xl"], "1", "model.arch='swin_xl' is unknown (allowed: swin_debug"),
+    (["model.img_size=36"], "1", "model.img_size=36 must be a multiple of 8"),
+    (["model.window_size=3"], "1", "model.window_size=3 does not tile stage 0"),
+    (["parallel.zero_stage=4"], "1", "parallel.zero_stage=4 must be 0, 1, 2 or 3"),
+    (["optim.min_lr=1"], "1", "optim.min_lr=1.0 must be in [0, optim.base_lr"),
+    (["precision=fp16"], "1", "precision=fp16 needs a CUDA device"),
+    (["data.root=/nonexistent"], "1", "data.root=/nonexistent: no dataset.json there"),
+])
+def test_impossible_combinations(shards, overrides, world, fragment):
+    assert fragment in error_of(shards, *overrides, world=world)
+
+
+def test_bad_yaml_file_names_the_file(tmp_path, shards):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  base_lr: [1,\n")
+    assert error_of(shards, path=str(bad)).startswith(f"config file {bad} line")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model:\n  archh: swin_b\n")
+    assert error_of(shards, path=str(unknown)) == "unknown key model.archh (did you mean model.arch?)"
+
+
+def test_resolved_config_round_trips(tmp_path, shards):
+    cfg = load(shards, "optim.base_lr=3e-4", "model.drop_path=0.2")
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("override", ["optim.lrr=1", "batch.micro_batch=abc", "schedule.warmup_steps=99999"])
+def test_entry_point_prints_one_line_and_exits_2(shards, override):
+    proc = subprocess.run(
+        [sys.executable, "pretrain/main.py", "--config", "configs/demo.yaml", "--set", f"data.root={shards}",
+         "--set", override],
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_readme_config_reference_is_in_sync():
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate with: python -m pretrain.config"
