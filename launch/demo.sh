@@ -15,7 +15,7 @@ start=$(date +%s)
 [ -f demo/shards/dataset.json ] || "$PYTHON" -m pretrain.data.write_shards --src demo/images --out demo/shards --shard-samples 100
 
 rm -rf runs/demo   # the demo always starts fresh; real runs resume instead
-"$DEEPSPEED" --num_gpus "$NPROC" pretrain/main.py --config configs/demo.yaml "$@"
+"$DEEPSPEED" --log_level warning --num_gpus "$NPROC" pretrain/main.py --config configs/demo.yaml "$@"
 "$PYTHON" -m pretrain.export --run runs/demo --out runs/demo/export
 "$PYTHON" -m pretrain.evaluate --model runs/demo/export --data demo/shards
 echo "demo finished in $(( $(date +%s) - start ))s; TensorBoard: tensorboard --logdir runs/demo/tensorboard"

@@ -408,5 +408,19 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def write_readme_reference(readme: Path) -> None:
+    """Replace the text between the config-reference markers of the README with the reference."""
+    begin, end = "<!-- config-reference -->", "<!-- /config-reference -->"
+    text = readme.read_text()
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{begin}\n{reference_markdown()}\n{end}{tail}")
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+
+    if sys.argv[1:2] == ["--readme"]:
+        write_readme_reference(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    else:
+        print(reference_markdown())

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.train.trainer import Trainer
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO still calls this collective under its deprecated name; not actionable for users.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
     topo = discover()
     init_distributed(topo)
 

@@ -114,3 +114,12 @@ def test_entry_point_prints_one_line_and_exits_2(shards, override):
 def test_readme_config_reference_is_in_sync():
     readme = (REPO / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate with: python -m pretrain.config"
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(shards, path):
+    cfg = load_config(REPO / "configs" / path, [f"data.root={shards}", "objective.num_classes=0"], check=False)
+    from pretrain.config import validate
+
+    # The laptop config runs on 2 processes, the 22K recipes on 4 nodes x 8 GPUs.
+    validate(cfg, world_size=2 if path == "demo.yaml" else 32)
