@@ -73,7 +73,12 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    root: str = field("", "Directory with dataset.json and the train-*/val-* shards from write_shards.")
+    root: str = field("", "Directory with dataset.json (and, unless the URLs below say otherwise, the shards).")
+    train_urls: list[str] = field([], "Training shards: paths, brace patterns or pipe: commands, one entry per "
+                                      "source; empty = the train shards of dataset.json.")
+    train_weights: list[float] = field([], "Sampling weight of each train_urls source; empty = equal weights.")
+    val_urls: list[str] = field([], "Validation shards (as train_urls); empty = the val shards of dataset.json.")
+    resampled: bool = field(True, "Draw training shards with replacement (else: passes over the shard list).")
     workers: int = field(2, "DataLoader worker processes per rank.")
     shuffle_buffer: int = field(2000, "Samples held in the training shuffle buffer per worker.")
 
@@ -341,7 +346,18 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
     need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
     need(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1")
+    d = cfg.data
+    need(not d.train_weights or len(d.train_weights) == len(d.train_urls),
+         f"data.train_weights has {len(d.train_weights)} entries but data.train_urls has {len(d.train_urls)}")
+    need(all(w > 0 for w in d.train_weights), f"data.train_weights={d.train_weights} must all be > 0")
     info = dataset_info(cfg.data.root)
+    if not d.resampled:
+        from pretrain.data.shards import train_sources
+
+        n_shards = sum(len(s) for s in train_sources(cfg, info))
+        need(n_shards >= world * max(1, d.workers),
+             f"data.resampled=false needs at least ranks x data.workers = {world} x {max(1, d.workers)} training "
+             f"shards, found {n_shards}; use data.resampled=true or fewer workers")
     n_classes = len(info.get("classes", []))
     need(o.num_classes in (0, n_classes),
          f"objective.num_classes={o.num_classes} disagrees with the {n_classes} classes in {cfg.data.root}/dataset.json")

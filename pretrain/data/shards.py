@@ -1,18 +1,27 @@
 """The WebDataset streams that feed training and evaluation.
 
-Training: an endless stream. Every DataLoader worker of every rank draws shards with
-replacement from its own RNG, seeded by (run seed, step the run starts at, rank,
-worker), reads them, shuffles samples in a buffer and yields fixed-size batches. The
-stream never ends, so every rank runs exactly the steps the schedule asks for and no
-collective waits on a rank that ran out of data. A resumed run starts from a new seed
-(the step differs), so it does not replay the order of the first run.
+Shard URLs are local paths, brace patterns (`train-{000000..001023}.tar`) or `pipe:`
+commands (`pipe:aws s3 cp s3://bucket/train-000001.tar -`); by default they are the
+shards listed in `dataset.json`. Several training sources can be mixed with weights.
 
-Evaluation: every validation sample exactly once over all ranks. Shards are dealt to
-ranks round-robin, then to workers; the trainer keeps ranks in step when their batch
+Training is an endless stream, so every rank runs exactly the steps the schedule asks for
+and no collective waits on a rank that ran out of data:
+- resampled (default): every DataLoader worker of every rank draws shards with
+  replacement (source by weight, then shard) from its own RNG seeded by (run seed, step
+  the run starts at, rank, worker);
+- not resampled: each pass shuffles the shard list with a seed shared by all ranks, deals
+  it to ranks and then workers, and starts the next pass when done (needs at least
+  ranks x workers shards, checked with the config).
+Samples then go through a shuffle buffer and are decoded and augmented into batches. A
+resumed run starts from new seeds (the step differs), so it does not replay the first
+run's order.
+
+Evaluation reads every validation sample exactly once over all ranks: shards are dealt
+to ranks round-robin, then to workers; the trainer keeps ranks in step when their batch
 counts differ (see `Trainer.evaluate`).
 
-Unreadable samples and broken tars are skipped and counted; the count rides along
-with each batch so the trainer can report it.
+Unreadable samples, broken tars and duplicate keys are skipped and counted; the count
+rides along with each batch so the trainer can report it per rank.
 """
 
 from __future__ import annotations
@@ -20,19 +29,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from itertools import count
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import webdataset as wds
+from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config import Config
-from pretrain.data.transforms import IMAGE_KEYS, build_transform, decode_sample
+from pretrain.data.transforms import IMAGE_KEYS, BadSample, build_transform, sample_parts
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor, int]  # images, labels, samples skipped since the last batch
+Batch = tuple[torch.Tensor, torch.Tensor, int]  # uint8 images, labels, samples skipped since the last batch
 
 
 def _worker() -> tuple[int, int]:
@@ -45,8 +56,31 @@ def wanted_member(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS + ("cls",)
 
 
+def expand_urls(patterns: list[str], root: str = "") -> list[str]:
+    """Brace-expand each pattern; relative local paths are taken relative to `root`."""
+    urls = []
+    for pattern in patterns:
+        for url in braceexpand(pattern):
+            local = not url.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
+            urls.append(str(Path(root) / url) if local and root and not Path(url).is_absolute() else url)
+    return urls
+
+
+def train_sources(cfg: Config, info: dict[str, Any]) -> list[list[str]]:
+    """The shard lists of the training sources (one per `data.train_urls` entry, or dataset.json's)."""
+    if cfg.data.train_urls:
+        return [expand_urls([p], cfg.data.root) for p in cfg.data.train_urls]
+    return [[str(Path(cfg.data.root) / s["name"]) for s in info["splits"]["train"]["shards"]]]
+
+
+def val_urls(cfg: Config, info: dict[str, Any]) -> list[str]:
+    if cfg.data.val_urls:
+        return expand_urls(cfg.data.val_urls, cfg.data.root)
+    return [str(Path(cfg.data.root) / s["name"]) for s in info["splits"]["val"]["shards"]]
+
+
 class SkipCounter:
-    """Counts what a worker skipped; also a WebDataset error handler for broken tars."""
+    """Counts what a worker skipped; also the WebDataset error handler for broken tars and duplicate keys."""
 
     def __init__(self) -> None:
         self.skipped = 0
@@ -62,17 +96,34 @@ class SkipCounter:
 
 
 class ResampledShards(IterableDataset):
-    """Endless shard URLs drawn with replacement; the RNG depends on (seed, rank, worker)."""
+    """Endless shard URLs drawn with replacement: a source by weight, then a shard in it."""
 
-    def __init__(self, urls: list[str], seed: str):
-        self.urls = urls
+    def __init__(self, sources: list[list[str]], weights: list[float], seed: str):
+        self.sources = sources
+        self.weights = weights or [1.0] * len(sources)
         self.seed = seed
 
     def __iter__(self) -> Iterator[dict[str, str]]:
         worker, _ = _worker()
         rng = random.Random(f"{self.seed}-worker{worker}")
         while True:
-            yield {"url": rng.choice(self.urls)}
+            source = rng.choices(self.sources, weights=self.weights)[0]
+            yield {"url": rng.choice(source)}
+
+
+class EpochShards(IterableDataset):
+    """Every shard once per pass, passes repeated forever; pass order shared by all ranks."""
+
+    def __init__(self, urls: list[str], rank: int, world: int, seed: str):
+        self.urls, self.rank, self.world, self.seed = urls, rank, world, seed
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        worker, workers = _worker()
+        for epoch in count():
+            urls = self.urls[:]
+            random.Random(f"{self.seed}-pass{epoch}").shuffle(urls)
+            for url in urls[self.rank::self.world][worker::workers]:
+                yield {"url": url}
 
 
 class ShardSlice(IterableDataset):
@@ -110,9 +161,10 @@ class ShuffleBuffer:
 
 
 class DecodeAndBatch:
-    """Decode, transform and collate samples into batches, skipping (and counting) bad ones."""
+    """Decode, augment and collate samples into batches, skipping (and counting) undecodable ones."""
 
-    def __init__(self, transform: Callable, batch_size: int, counter: SkipCounter, partial: bool):
+    def __init__(self, transform: Callable[[bytes], torch.Tensor], batch_size: int, counter: SkipCounter,
+                 partial: bool):
         self.transform = transform
         self.batch_size = batch_size
         self.counter = counter
@@ -123,21 +175,18 @@ class DecodeAndBatch:
         labels: list[int] = []
         for sample in samples:
             try:
-                image, label = decode_sample(sample)
-                images.append(self.transform(image))
+                data, label = sample_parts(sample)
+                images.append(self.transform(data))
                 labels.append(label)
-            except Exception as e:  # a bad image must not stop a multi-day run
-                self.counter(ValueError(f"{sample.get('__key__')} in {sample.get('__url__')}: {e}"))
+            except BadSample as e:  # a bad image must not stop a multi-day run
+                self.counter(BadSample(f"{sample.get('__key__')} in {sample.get('__url__')}: {e}"))
                 continue
             if len(images) == self.batch_size:
                 yield torch.stack(images), torch.tensor(labels), self.counter.take()
                 images, labels = [], []
-        if images and self.partial:
-            yield torch.stack(images), torch.tensor(labels), self.counter.take()
-
-
-def shard_urls(root: str, info: dict[str, Any], split: str) -> list[str]:
-    return [str(Path(root) / s["name"]) for s in info["splits"][split]["shards"]]
+        if self.partial and (images or self.counter.skipped):
+            empty = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+            yield (torch.stack(images) if images else empty), torch.tensor(labels, dtype=torch.long), self.counter.take()
 
 
 def _loader(stages: list, workers: int, seed: str) -> DataLoader:
@@ -147,23 +196,28 @@ def _loader(stages: list, workers: int, seed: str) -> DataLoader:
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
-def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, start_step: int) -> DataLoader:
-    """Endless loader of training micro-batches for `rank`, seeded by where the run starts."""
-    urls = shard_urls(cfg.data.root, info, "train")
-    seed = f"{cfg.run.seed}-step{start_step}-rank{rank}"
+def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int, start_step: int,
+                 ) -> DataLoader:
+    """Endless loader of uint8 training micro-batches for data-parallel `rank`, seeded by where the run starts."""
+    seed = f"{cfg.run.seed}-step{start_step}"
+    sources = train_sources(cfg, info)
+    if cfg.data.resampled:
+        shards = ResampledShards(sources, cfg.data.train_weights, f"{seed}-rank{rank}")
+    else:
+        shards = EpochShards([u for s in sources for u in s], rank, world, seed)
     counter = SkipCounter()
     stages = [
-        ResampledShards(urls, seed),
+        shards,
         wds.tarfile_to_samples(handler=counter, select_files=wanted_member),
-        ShuffleBuffer(cfg.data.shuffle_buffer, seed),
+        ShuffleBuffer(cfg.data.shuffle_buffer, f"{seed}-rank{rank}"),
         DecodeAndBatch(build_transform(cfg, img_size, training=True), cfg.batch.micro_batch, counter, partial=False),
     ]
-    return _loader(stages, cfg.data.workers, seed)
+    return _loader(stages, cfg.data.workers, f"{seed}-rank{rank}")
 
 
 def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int) -> DataLoader:
     """Loader over this rank's share of the validation shards, each sample once."""
-    urls = shard_urls(cfg.data.root, info, "val")
+    urls = val_urls(cfg, info)
     counter = SkipCounter()
     workers = min(cfg.data.workers, max(1, len(urls[rank::world])))
     stages = [

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from pretrain.config import Config
 from pretrain.data.shards import eval_loader, train_loader
+from pretrain.data.transforms import BatchPreprocess
 from pretrain.parallel.topology import Topology
 from pretrain.train import checkpoint
 from pretrain.train.metrics import Metrics
@@ -29,7 +30,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class TrainState:
     step: int = 0
     samples_seen: int = 0
-    skipped_samples: int = 0
+    skipped_samples: int = 0  # over all ranks, up to the checkpoint this run resumed from
 
 
 class Trainer:
@@ -47,6 +48,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.precision]
         self.device = engine.device
         self.state = TrainState()
+        self.skipped_here = 0  # samples this rank skipped since this process started
         self.norm_not_recorded = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
 
     # -- checkpoints -------------------------------------------------------------------
@@ -60,9 +62,17 @@ class Trainer:
         self.state = TrainState(saved["step"], saved["samples_seen"], saved.get("skipped_samples", 0))
         self.metrics.print(f"resumed from step {self.state.step} ({self.state.samples_seen} samples seen)")
 
+    def skipped_counts(self) -> tuple[int, int]:
+        """(samples skipped over all ranks in the whole run, most skipped by one rank in this process). Collective."""
+        total = torch.tensor([self.skipped_here], dtype=torch.int64)
+        most = total.clone()
+        dist.all_reduce(total)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return self.state.skipped_samples + int(total), int(most)
+
     def save(self) -> None:
         state = {**self.client_state, "step": self.state.step, "samples_seen": self.state.samples_seen,
-                 "skipped_samples": self.state.skipped_samples}
+                 "skipped_samples": self.skipped_counts()[0]}
         tag = checkpoint.save(self.engine, self.cfg.run_dir, self.state.step, state, self.cfg.checkpoint.keep_last)
         self.metrics.print(f"step {self.state.step}: saved checkpoint {tag}")
 
@@ -86,7 +96,9 @@ class Trainer:
         total = cfg.schedule.total_steps
         accum = self.engine.gradient_accumulation_steps()
         epoch_size = max(1, self.dataset["splits"]["train"]["samples"])
-        batches = iter(train_loader(cfg, self.dataset, self.img_size, self.topo.dp_rank, self.state.step))
+        batches = iter(train_loader(cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size,
+                                    self.state.step))
+        preprocess = BatchPreprocess(cfg, training=True, device=self.device)
         self.engine.train()
         window = {"loss": 0.0, "micro": 0, "wait": 0.0, "grad_norm": 0.0, "start": time.time(), "steps": 0}
         last_eval: dict[str, float] = {}
@@ -98,8 +110,9 @@ class Trainer:
                 t_wait = time.time()
                 images, labels, skipped = next(batches)
                 window["wait"] += time.time() - t_wait
-                self.state.skipped_samples += skipped
-                inputs, targets = self.objective.prepare(images.to(self.device), labels.to(self.device))
+                self.skipped_here += skipped
+                images = preprocess(images.to(self.device, non_blocking=True))
+                inputs, targets = self.objective.prepare(images, labels.to(self.device))
                 loss = self.objective.loss(self.engine(inputs.to(self.dtype)), targets)
                 self.engine.backward(loss)
                 if self.engine.is_gradient_accumulation_boundary() and self.norm_not_recorded:
@@ -122,10 +135,15 @@ class Trainer:
                 self.save()
         if self.state.step == total:
             last_eval = self.evaluate()
+        skipped, _ = self.skipped_counts()
+        self.metrics.print(f"finished: {self.state.step} steps, {self.state.samples_seen} samples seen, "
+                           f"{skipped} undecodable samples skipped"
+                           + (f", eval top-1 {last_eval['eval/top1']:.4f}" if last_eval else ""))
         return last_eval
 
     def _log_train(self, step: int, lr: float, window: dict[str, float], epoch_size: int) -> None:
         loss, wait = self._mean_over_ranks([window["loss"] / max(1, window["micro"]), window["wait"]])
+        skipped_total, skipped_max = self.skipped_counts()
         elapsed = max(1e-9, time.time() - window["start"])
         images_per_s = window["steps"] * self.cfg.batch.global_batch / elapsed
         scalars = {
@@ -136,12 +154,15 @@ class Trainer:
             "train/data_wait_pct": 100.0 * wait / elapsed,
             "train/samples_seen": self.state.samples_seen,
             "train/epoch": self.state.samples_seen / epoch_size,
+            "data/skipped_samples": skipped_total,
+            "data/skipped_samples_max_rank": skipped_max,
         }
         self.metrics.log(step, scalars)
         self.metrics.print(
             f"step {step}/{self.cfg.schedule.total_steps}  loss {loss:.4f}  lr {lr:.3g}  "
             f"grad {window['grad_norm']:.3f}  {images_per_s:.1f} img/s  "
             f"data wait {scalars['train/data_wait_pct']:.0f}%  epoch {scalars['train/epoch']:.2f}"
+            + (f"  skipped {int(skipped_total)}" if skipped_total else "")
         )
 
     # -- evaluation --------------------------------------------------------------------
@@ -153,8 +174,12 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64)
         skipped = 0
         batches = iter(eval_loader(self.cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size))
+        preprocess = BatchPreprocess(self.cfg, training=False, device=self.device)
         while True:
             batch = next(batches, None)
+            if batch is not None and batch[1].numel() == 0:  # only skipped samples at the end of a shard
+                skipped += batch[2]
+                continue
             # Ranks may hold different numbers of batches; with ZeRO-3 every forward is a
             # collective, so a rank that ran out runs an empty-weight dummy batch until all are done.
             more = torch.tensor([0.0 if batch is None else 1.0])
@@ -162,13 +187,13 @@ class Trainer:
             if more.item() == 0:
                 break
             if batch is None:
-                images = torch.zeros(1, 3, self.img_size, self.img_size)
+                images = torch.zeros(1, 3, self.img_size, self.img_size, dtype=torch.uint8)
                 labels, valid = torch.zeros(1, dtype=torch.long), torch.zeros(1)
             else:
                 images, labels, n_skipped = batch
                 skipped += n_skipped
                 valid = torch.ones(labels.shape[0])
-            logits = self.engine(images.to(self.device, self.dtype))
+            logits = self.engine(preprocess(images.to(self.device)).to(self.dtype))
             sums += self.objective.eval_counts(logits.cpu(), labels, valid).double()
         totals = torch.cat([sums, torch.tensor([float(skipped)], dtype=torch.float64)])
         dist.all_reduce(totals)

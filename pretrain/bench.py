@@ -1,0 +1,139 @@
+"""Benchmarks that print ratios against a baseline measured in the same run.
+
+    python -m pretrain.bench data --images DIR [--img-size 224] [--samples 400] [--repeats 3]
+    python -m pretrain.bench data --photos 500x375 [--count 200]    # make ImageNet-like JPEGs first
+
+`data`: decode + augment throughput of one data worker (one process, one thread), our
+shard loader against torchvision's `ImageFolder` with timm's `create_transform`, both with
+the same augmentation (random resized crop 0.08-1, flip, RandAugment m9-mstd0.5, color
+jitter 0.4, random erasing 0.25, bicubic) and both ending in a normalized float batch.
+Runs alternate between the two and the median of the repeats is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_photos(out: Path, width: int, height: int, count: int, seed: int = 0) -> Path:
+    """JPEGs cut from scikit-learn's bundled photographs, resized to width x height, in 2 class folders."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        src = photos[i % len(photos)]
+        h, w = src.shape[:2]
+        s = rng.uniform(0.5, 1.0)
+        ch, cw = int(h * s), int(w * s)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        im = Image.fromarray(src[y:y + ch, x:x + cw]).resize((width, height), Image.BICUBIC)
+        folder = out / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        im.save(folder / f"{i:05d}.jpg", quality=90)
+    return out
+
+
+def _baseline_rate(images: Path, img_size: int, samples: int, batch: int) -> float:
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    transform = create_transform(img_size, is_training=True, scale=(0.08, 1.0), hflip=0.5,
+                                 auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.25,
+                                 interpolation="bicubic")
+    loader = torch.utils.data.DataLoader(ImageFolder(str(images), transform=transform), batch_size=batch,
+                                         shuffle=True, num_workers=0, drop_last=True)
+    done, start = 0, time.perf_counter()
+    while done < samples:
+        for x, _ in loader:
+            done += x.shape[0]
+            if done >= samples:
+                break
+    return done / (time.perf_counter() - start)
+
+
+def _our_rate(shards: Path, img_size: int, samples: int, batch: int) -> float:
+    from pretrain.config import Config
+    from pretrain.data.shards import train_loader
+    from pretrain.data.transforms import BatchPreprocess
+
+    cfg = Config()
+    cfg.data.root, cfg.data.workers, cfg.data.shuffle_buffer = str(shards), 0, 200
+    cfg.batch.micro_batch = batch
+    info = json.loads((shards / "dataset.json").read_text())
+    preprocess = BatchPreprocess(cfg, training=True, device=torch.device("cpu"))
+    batches = iter(train_loader(cfg, info, img_size, rank=0, world=1, start_step=0))
+    done, start = 0, time.perf_counter()
+    while done < samples:
+        images, _, _ = next(batches)
+        preprocess(images)
+        done += images.shape[0]
+    return done / (time.perf_counter() - start)
+
+
+def bench_data(images: Path, img_size: int, samples: int, repeats: int, batch: int = 32) -> dict:
+    from pretrain.data.write_shards import write_shards
+
+    torch.set_num_threads(1)  # one data worker = one core
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp)
+        write_shards(images, shards, val_fraction=0.0, shard_samples=100, workers=1)
+        ours, base = [], []
+        _our_rate(shards, img_size, batch, batch), _baseline_rate(images, img_size, batch, batch)  # warm-up
+        for _ in range(repeats):
+            ours.append(_our_rate(shards, img_size, samples, batch))
+            base.append(_baseline_rate(images, img_size, samples, batch))
+    result = {
+        "img_size": img_size,
+        "samples": samples,
+        "ours_images_per_s": [round(r, 1) for r in ours],
+        "baseline_images_per_s": [round(r, 1) for r in base],
+        "ratio_median": statistics.median(ours) / statistics.median(base),
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("data", help="decode + augment images/s per worker vs ImageFolder + timm transforms")
+    d.add_argument("--images", type=Path, help="class-per-folder tree of images")
+    d.add_argument("--photos", help="make WIDTHxHEIGHT JPEGs from sklearn's sample photos instead of --images")
+    d.add_argument("--count", type=int, default=200, help="number of --photos to make")
+    d.add_argument("--img-size", type=int, default=224)
+    d.add_argument("--samples", type=int, default=400, help="images per timed run")
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images = args.images
+        if args.photos:
+            width, height = (int(v) for v in args.photos.lower().split("x"))
+            images = make_photos(Path(tmp) / "photos", width, height, args.count)
+        if images is None or not Path(images).is_dir():
+            print("error: give --images DIR (a class-per-folder tree) or --photos WIDTHxHEIGHT", file=sys.stderr)
+            return 2
+        r = bench_data(Path(images), args.img_size, args.samples, args.repeats)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"data loader, one worker, {r['img_size']}px training augmentation, {r['samples']} images per run")
+        print(f"  ours (shards, draft decode, batch normalize): {r['ours_images_per_s']} images/s")
+        print(f"  ImageFolder + timm create_transform:          {r['baseline_images_per_s']} images/s")
+        print(f"  ratio (median): {r['ratio_median']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
