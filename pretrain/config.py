@@ -174,6 +174,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if origin is list:
+        if isinstance(value, str) and typing.get_args(tp)[0] is str:
+            value = [value]  # `--set data.train_urls=train-{0..9}.tar` means a list of one pattern
         if not isinstance(value, (list, tuple)):
             raise bad
         return [_coerce(v, typing.get_args(tp)[0], key) for v in value]

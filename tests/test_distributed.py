@@ -163,3 +163,15 @@ def test_other_launchers(tmp_path, shards, launcher, nproc):
     train(run_dir, shards, "schedule.total_steps=2", "parallel.zero_stage=1", launcher=launcher, nproc=nproc)
     assert sorted(train_losses(run_dir)) == [1, 2]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    assert final_eval(run_dir)["eval/samples"] == 179  # the whole val split, once, on 1 or 2 ranks
+
+
+def test_uneven_shards_over_two_ranks_neither_hang_nor_miscount(tmp_path, shards):
+    """3 training shards in passes over 2 ranks, 3 validation shards: ranks hold unequal amounts."""
+    run_dir = tmp_path / "uneven"
+    train(run_dir, shards, "data.train_urls=train-{000000..000002}.tar", "data.resampled=false",
+          f"data.val_urls=[val-000000.tar, val-000001.tar, 'pipe:cat {shards}/val-000001.tar']",
+          "schedule.total_steps=30", "eval.every_steps=10", "eval.micro_batch=16")
+    evals = [m for m in metrics(run_dir) if "eval/top1" in m]
+    assert [m["step"] for m in evals] == [10, 20, 30]
+    assert all(m["eval/samples"] == 179 + 79 for m in evals)  # val-000001 counted twice: listed twice
