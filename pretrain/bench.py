@@ -75,7 +75,7 @@ def _our_rate(shards: Path, img_size: int, samples: int, batch: int) -> float:
     batches = iter(train_loader(cfg, info, img_size, rank=0, world=1, start_step=0))
     done, start = 0, time.perf_counter()
     while done < samples:
-        images, _, _ = next(batches)
+        images = next(batches).images
         preprocess(images)
         done += images.shape[0]
     return done / (time.perf_counter() - start)

@@ -39,6 +39,8 @@ class RunConfig:
     output_dir: str = field("runs", "Parent directory of run directories.")
     seed: int = field(0, "Seed for model init, data order and augmentation.")
     auto_resume: bool = field(True, "Resume from the run directory's latest checkpoint if there is one.")
+    init_from: str = field("", "Export directory (pretrain.export) whose backbone weights start this run; "
+                               "ignored when resuming from a checkpoint.")
 
 
 @dataclass
@@ -51,13 +53,16 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: Literal["supervised"] = field("supervised", "Training objective.")
-    num_classes: int = field(0, "Classifier outputs; 0 = number of classes in dataset.json.")
+    kind: Literal["supervised", "simmim"] = field("supervised", "Training objective: classification or SimMIM.")
+    num_classes: int = field(0, "Classifier outputs (supervised); 0 = number of classes in dataset.json.")
     label_smoothing: float = field(0.1, "Label smoothing of the soft-target cross-entropy.")
     mixup: float = field(0.0, "Mixup alpha; 0 disables Mixup.")
     cutmix: float = field(0.0, "CutMix alpha; 0 disables CutMix.")
     mixup_prob: float = field(1.0, "Probability of applying Mixup or CutMix to a batch.")
     mixup_switch_prob: float = field(0.5, "Probability of CutMix instead of Mixup when both are on.")
+    mask_ratio: float = field(0.6, "SimMIM: fraction of mask patches replaced by the mask token.")
+    mask_patch_size: int = field(32, "SimMIM: side of a square mask patch in pixels.")
+    norm_target: bool = field(False, "SimMIM: reconstruct pixels normalized within each mask patch.")
 
 
 @dataclass
@@ -121,6 +126,9 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every_steps: int = field(10, "Console line and TensorBoard scalars every N optimizer steps.")
+    images_every_steps: int = field(1000, "SimMIM: input / masked / reconstruction images every N steps "
+                                          "(and at the end).")
+    images: int = field(8, "SimMIM: number of validation images shown.")
 
 
 @dataclass
@@ -338,6 +346,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(o.mixup >= 0 and o.cutmix >= 0, "objective.mixup and objective.cutmix must be >= 0")
     need(0.0 <= o.mixup_prob <= 1.0, f"objective.mixup_prob={o.mixup_prob} must be in [0, 1]")
     need(0.0 <= o.mixup_switch_prob <= 1.0, f"objective.mixup_switch_prob={o.mixup_switch_prob} must be in [0, 1]")
+
+    if o.kind == "simmim":
+        img, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+        patch = BACKBONES[cfg.model.arch].patch_size
+        need(0.0 < o.mask_ratio < 1.0, f"objective.mask_ratio={o.mask_ratio} must be in (0, 1)")
+        need(o.mask_patch_size > 0 and img % o.mask_patch_size == 0 and o.mask_patch_size % patch == 0,
+             f"objective.mask_patch_size={o.mask_patch_size} must divide model.img_size={img} and be a multiple "
+             f"of the model patch size {patch}")
+        need(o.mixup == 0 and o.cutmix == 0, "objective.mixup / objective.cutmix must be 0 with objective.kind=simmim")
+    need(cfg.log.images_every_steps >= 0, f"log.images_every_steps={cfg.log.images_every_steps} must be >= 0")
+    need(cfg.log.images >= 1, f"log.images={cfg.log.images} must be >= 1")
+    if cfg.run.init_from:
+        need(Path(cfg.run.init_from, "model.safetensors").is_file(),
+             f"run.init_from={cfg.run.init_from}: no model.safetensors there (expected a pretrain.export directory)")
 
     a = cfg.augment
     need(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,

@@ -25,6 +25,7 @@ import torch
 
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.models.backbones import BACKBONES, build_backbone, resolve_geometry
+from pretrain.models.objectives import OBJECTIVES
 from pretrain.train.checkpoint import checkpoint_dir, latest_tag
 
 LOGIT_TOLERANCE = 1e-5
@@ -80,15 +81,16 @@ def export_run(run_dir: Path, out_dir: Path, headless: bool = False, tag: str | 
         raise ExportError(f"--run {run_dir}: no dataset.json there (the class list of the run)")
     dataset = json.loads((run_dir / "dataset.json").read_text())
 
-    state = consolidated_state_dict(cfg, ckpt_dir, tag)
+    state = OBJECTIVES[cfg.objective.kind].backbone_state(consolidated_state_dict(cfg, ckpt_dir, tag))
     num_classes = state["head.fc.weight"].shape[0] if "head.fc.weight" in state else 0
     model = build_backbone(cfg.model.arch, num_classes, cfg.model.img_size, cfg.model.window_size)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(f"checkpoint {ckpt_dir / tag} does not match {cfg.model.arch}: "
                           f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
-    if headless:
+    if headless and num_classes:
         model.reset_classifier(0)
+        num_classes = 0
     model.eval()
 
     img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
@@ -101,7 +103,7 @@ def export_run(run_dir: Path, out_dir: Path, headless: bool = False, tag: str | 
             "timm_class": f"{type(model).__module__}.{type(model).__name__}",
         }
     }
-    if not headless:
+    if num_classes:
         extra["label_names"] = dataset["classes"]
     extra["pretrained_cfg"] = {"tag": cfg.run.name}
     save_for_hf(model, str(out_dir), model_config=extra, safe_serialization=True,

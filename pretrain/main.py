@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from pretrain.config import dataset_info
-    from pretrain.models.backbones import build_backbone, resolve_geometry, BACKBONES
+    from pretrain.models.backbones import BACKBONES, load_backbone_weights, resolve_geometry
     from pretrain.models.objectives import build_objective
     from pretrain.parallel.deepspeed_config import deepspeed_config
     from pretrain.parallel.topology import discover, init_distributed
@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_backbone(cfg.model.arch, num_classes, cfg.model.img_size, cfg.model.window_size, cfg.model.drop_path)
+    objective = build_objective(cfg, num_classes)
+    model = objective.build_model()
+    if cfg.run.init_from:
+        loaded = load_backbone_weights(getattr(model, "encoder", model), cfg.run.init_from)
+        if topo.is_main:
+            print(f"initialized {loaded} backbone tensors from {cfg.run.init_from}", flush=True)
     groups, group_names = param_groups(model, cfg.optim.weight_decay)
     schedule = build_schedule(cfg)
     optimizer = build_optimizer(cfg, groups, schedule.peak)
@@ -91,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "label_map_version": dataset.get("label_map_version"),
         "param_group_names": group_names,
     }
-    trainer = Trainer(cfg, topo, engine, build_objective(cfg, num_classes), schedule, dataset, img_size,
-                      metrics, client_state)
+    trainer = Trainer(cfg, topo, engine, objective, schedule, dataset, img_size, metrics, client_state)
     trainer.resume()
     trainer.fit()
     metrics.close()

@@ -75,8 +75,8 @@ def test_train_stream_is_endless_and_reseeded_on_resume(shards):
     n_train = info["splits"]["train"]["samples"]
     first = [next(batches) for _ in range(n_train // 8 + 20)]  # more than one pass over the data
     assert all(images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8 and labels.shape == (8,)
-               for images, labels, _ in first)
-    assert all(0 <= int(l) < 10 for _, labels, _ in first for l in labels)
+               for images, labels, _, _ in first)
+    assert all(0 <= int(l) < 10 for b in first for l in b.labels)
     again = next(iter(train_loader(cfg, info, 32, rank=0, world=2, start_step=0)))
     assert torch.equal(again[1], first[0][1]), "same seed and step must give the same stream"
     resumed = next(iter(train_loader(cfg, info, 32, rank=0, world=2, start_step=100)))
@@ -91,7 +91,7 @@ def test_eval_stream_covers_the_val_split_exactly_once(shards, world):
     info = json.loads((shards / "dataset.json").read_text())
     seen = Counter()
     for rank in range(world):
-        for images, labels, skipped in eval_loader(cfg, info, 32, rank, world):
+        for images, labels, skipped, _ in eval_loader(cfg, info, 32, rank, world):
             assert skipped == 0
             seen.update([tuple(images[i, 0, 10:12, 10:12].flatten().tolist()) + (int(labels[i]),)
                          for i in range(len(labels))])
@@ -125,7 +125,7 @@ def test_corrupt_images_are_skipped_and_pickles_never_loaded(tmp_path):
     cfg = cfg_for(tmp_path, eval_micro=10)
     batches = list(eval_loader(cfg, info, 32, 0, 1))
     assert len(batches) == 1
-    images, labels, skipped = batches[0]
+    images, labels, skipped, _ = batches[0]
     assert labels.tolist() == [1, 1, 1, 1] and skipped == 1
     assert not marker.exists(), "a pickle member of a shard was unpickled"
 
@@ -246,7 +246,7 @@ def test_passes_without_resampling_cover_every_shard(shards):
     for rank in range(2):
         batches = iter(train_loader(cfg, info, 32, rank=rank, world=2, start_step=0))
         for _ in range(n // 4):
-            images, labels, _ = next(batches)
+            images, labels, _, _ = next(batches)
             seen.update(labels.tolist())
     assert sum(seen.values()) == 2 * 2 * (n // 4)
 

@@ -31,7 +31,7 @@ import logging
 import random
 from itertools import count
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import webdataset as wds
@@ -39,11 +39,19 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config import Config
+from pretrain.data.masking import MaskGenerator
+from pretrain.models.backbones import BACKBONES
 from pretrain.data.transforms import IMAGE_KEYS, BadSample, build_transform, sample_parts
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor, int]  # uint8 images, labels, samples skipped since the last batch
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8, (B, 3, H, W)
+    labels: torch.Tensor  # int64, (B,)
+    skipped: int  # samples this worker skipped since its previous batch
+    masks: torch.Tensor | None = None  # uint8 SimMIM masks at token resolution, (B, h, w)
 
 
 def _worker() -> tuple[int, int]:
@@ -164,11 +172,17 @@ class DecodeAndBatch:
     """Decode, augment and collate samples into batches, skipping (and counting) undecodable ones."""
 
     def __init__(self, transform: Callable[[bytes], torch.Tensor], batch_size: int, counter: SkipCounter,
-                 partial: bool):
+                 partial: bool, masks: Callable[[], torch.Tensor] | None):
         self.transform = transform
         self.batch_size = batch_size
         self.counter = counter
         self.partial = partial
+        self.masks = masks
+
+    def _batch(self, images: list[torch.Tensor], labels: list[int]) -> Batch:
+        masks = torch.stack([self.masks() for _ in labels]) if self.masks and labels else None
+        stacked = torch.stack(images) if images else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+        return Batch(stacked, torch.tensor(labels, dtype=torch.long), self.counter.take(), masks)
 
     def __call__(self, samples: Iterator[dict]) -> Iterator[Batch]:
         images: list[torch.Tensor] = []
@@ -182,11 +196,18 @@ class DecodeAndBatch:
                 self.counter(BadSample(f"{sample.get('__key__')} in {sample.get('__url__')}: {e}"))
                 continue
             if len(images) == self.batch_size:
-                yield torch.stack(images), torch.tensor(labels), self.counter.take()
+                yield self._batch(images, labels)
                 images, labels = [], []
         if self.partial and (images or self.counter.skipped):
-            empty = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
-            yield (torch.stack(images) if images else empty), torch.tensor(labels, dtype=torch.long), self.counter.take()
+            yield self._batch(images, labels)
+
+
+def mask_generator(cfg: Config, img_size: int) -> MaskGenerator | None:
+    """SimMIM's mask generator (run in the data workers), or None for objectives without masks."""
+    if cfg.objective.kind != "simmim":
+        return None
+    o = cfg.objective
+    return MaskGenerator(img_size, o.mask_patch_size, BACKBONES[cfg.model.arch].patch_size, o.mask_ratio)
 
 
 def _loader(stages: list, workers: int, seed: str) -> DataLoader:
@@ -210,7 +231,8 @@ def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, wo
         shards,
         wds.tarfile_to_samples(handler=counter, select_files=wanted_member),
         ShuffleBuffer(cfg.data.shuffle_buffer, f"{seed}-rank{rank}"),
-        DecodeAndBatch(build_transform(cfg, img_size, training=True), cfg.batch.micro_batch, counter, partial=False),
+        DecodeAndBatch(build_transform(cfg, img_size, training=True), cfg.batch.micro_batch, counter, partial=False,
+                       masks=mask_generator(cfg, img_size)),
     ]
     return _loader(stages, cfg.data.workers, f"{seed}-rank{rank}")
 
@@ -223,6 +245,7 @@ def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, wor
     stages = [
         ShardSlice(urls, rank, world),
         wds.tarfile_to_samples(handler=counter, select_files=wanted_member),
-        DecodeAndBatch(build_transform(cfg, img_size, training=False), cfg.eval.micro_batch, counter, partial=True),
+        DecodeAndBatch(build_transform(cfg, img_size, training=False), cfg.eval.micro_batch, counter, partial=True,
+                       masks=mask_generator(cfg, img_size)),
     ]
     return _loader(stages, workers, f"{cfg.run.seed}-eval-rank{rank}")

@@ -103,3 +103,29 @@ def build_backbone(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_backbone_weights(model: nn.Module, export_dir: str) -> int:
+    """Load an export's weights into `model`, a timm Swin of the same architecture; return the count.
+
+    Only the classifier head may be absent or differ in shape (it keeps its fresh init);
+    relative position bias tables are resized when the window size changed.
+    """
+    from safetensors.torch import load_file
+    from timm.layers import resize_rel_pos_bias_table
+
+    weights = load_file(f"{export_dir}/model.safetensors")
+    own = model.state_dict()
+    head = {k for k in own if k.startswith("head.")}
+    weights = {k: v for k, v in weights.items() if not (k.startswith("head.") and own.get(k, v).shape != v.shape)}
+    for name, value in list(weights.items()):
+        if name.endswith("relative_position_bias_table") and name in own and own[name].shape != value.shape:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            weights[name] = resize_rel_pos_bias_table(value, new_window_size=module.window_size,
+                                                      new_bias_shape=own[name].shape)
+    result = model.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if k not in head]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"run.init_from={export_dir}: weights do not fit model.arch (missing {missing[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]})")
+    return len(weights)

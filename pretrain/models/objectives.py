@@ -1,17 +1,24 @@
-"""Training objectives: what the model is asked to predict, and the loss.
+"""Training objectives: the model they train, its inputs and targets, the loss, eval metrics.
 
-An objective turns a decoded batch (images, integer labels) into model inputs and
-targets (Mixup/CutMix happen here, on the batch) and scores the model's output.
-The trainer only talks to this interface, so a new objective is a new class here.
+The trainer only talks to this interface, so both objectives share one entry point:
+- `build_model()`: the module DeepSpeed wraps;
+- `prepare(images, batch, training)`: model inputs and loss targets from a normalized batch;
+- `loss(outputs, targets)`, and `eval_sums` / `eval_metrics` for evaluation;
+- `backbone_state(state)`: the timm backbone's weights out of a trained state dict (export);
+- `visualize(outputs, images, batch)`: pictures for TensorBoard, or None.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 
 from pretrain.config import Config
+from pretrain.data.shards import Batch
+from pretrain.models.backbones import BACKBONES, build_backbone
+from pretrain.models.simmim import SimMIM, denormalize_patches, masked_l1, normalize_patches
 
 
 class SupervisedObjective:
@@ -23,6 +30,7 @@ class SupervisedObjective:
 
     def __init__(self, cfg: Config, num_classes: int):
         o = cfg.objective
+        self.cfg = cfg
         self.num_classes = num_classes
         self.label_smoothing = o.label_smoothing
         self.mixup = None
@@ -36,39 +44,115 @@ class SupervisedObjective:
                 num_classes=num_classes,
             )
 
-    def prepare(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (inputs, soft targets) for one training micro-batch."""
-        if self.mixup is not None:
-            # timm's Mixup mixes pairs within the batch and needs an even batch size.
-            if images.shape[0] % 2 == 0:
-                return self.mixup(images, labels)
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        return build_backbone(m.arch, self.num_classes, m.img_size, m.window_size, m.drop_path)
+
+    def prepare(self, images: torch.Tensor, batch: Batch, training: bool):
+        """((inputs,), targets): soft targets in training, the labels in evaluation."""
+        labels = batch.labels.to(images.device)
+        if not training:
+            return (images,), labels
+        # timm's Mixup mixes pairs within the batch and needs an even batch size.
+        if self.mixup is not None and images.shape[0] % 2 == 0:
+            images, targets = self.mixup(images, labels)
+            return (images,), targets
         off = self.label_smoothing / self.num_classes
         targets = torch.full((labels.shape[0], self.num_classes), off, device=labels.device)
         targets.scatter_(1, labels.unsqueeze(1), 1.0 - self.label_smoothing + off)
-        return images, targets
+        return (images,), targets
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Soft-target cross-entropy, computed in fp32 whatever the model's precision."""
         return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
-    @staticmethod
-    def eval_counts(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Per-batch sums [samples, top-1 hits, top-5 hits, loss] over the `valid` rows."""
-        logits = logits.float()
-        k = min(5, logits.shape[-1])
-        topk = logits.topk(k, dim=-1).indices
+    def eval_sums(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Sums [samples, top-1 hits, top-5 hits, loss] over the `valid` rows."""
+        logits = logits.float().cpu()
+        labels = labels.cpu()
+        topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = topk.eq(labels.unsqueeze(1))
         nll = F.cross_entropy(logits, labels, reduction="none")
         v = valid.float()
-        return torch.stack([
-            v.sum(),
-            (hits[:, 0].float() * v).sum(),
-            (hits.any(dim=1).float() * v).sum(),
-            (nll * v).sum(),
-        ])
+        return torch.stack([v.sum(), (hits[:, 0].float() * v).sum(), (hits.any(dim=1).float() * v).sum(),
+                            (nll * v).sum()]).double()
+
+    @staticmethod
+    def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
+        n = max(1.0, float(sums[0]))
+        return {"eval/top1": float(sums[1]) / n, "eval/top5": float(sums[2]) / n, "eval/loss": float(sums[3]) / n,
+                "eval/samples": float(sums[0])}
+
+    @staticmethod
+    def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
+    def visualize(self, outputs, images: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        return None
 
 
-def build_objective(cfg: Config, num_classes: int) -> SupervisedObjective:
+class SimMIMObjective:
+    """Masked image modeling: L1 reconstruction of the masked pixels (SimMIM)."""
+
+    def __init__(self, cfg: Config, num_classes: int):
+        self.cfg = cfg
+        self.patch_size = BACKBONES[cfg.model.arch].patch_size
+        self.norm_target = cfg.objective.norm_target
+        self.mask_patch_size = cfg.objective.mask_patch_size
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        return SimMIM(build_backbone(m.arch, 0, m.img_size, m.window_size, m.drop_path))
+
+    def prepare(self, images: torch.Tensor, batch: Batch, training: bool):
+        masks = batch.masks.to(images.device)
+        target = normalize_patches(images, self.mask_patch_size) if self.norm_target else images
+        return (images, masks), (target, masks)
+
+    def loss(self, reconstruction: torch.Tensor, targets) -> torch.Tensor:
+        target, masks = targets
+        return masked_l1(reconstruction, target, masks, self.patch_size)
+
+    def eval_sums(self, reconstruction: torch.Tensor, targets, valid: torch.Tensor) -> torch.Tensor:
+        """Sums [samples, masked-L1 x samples] over the `valid` rows."""
+        target, masks = targets
+        losses = torch.stack([masked_l1(reconstruction[i:i + 1], target[i:i + 1], masks[i:i + 1], self.patch_size)
+                              for i in range(target.shape[0])]).cpu()
+        v = valid.float()
+        return torch.stack([v.sum(), (losses * v).sum()]).double()
+
+    @staticmethod
+    def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
+        n = max(1.0, float(sums[0]))
+        return {"eval/loss": float(sums[1]) / n, "eval/samples": float(sums[0])}
+
+    @staticmethod
+    def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The encoder's weights under timm's names: no mask token, no decoder."""
+        return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+
+    def visualize(self, reconstruction: torch.Tensor, images: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Rows of [input | masked input | reconstruction], de-normalized to [0, 1], as one (3, H, W) image."""
+        from torchvision.utils import make_grid
+
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+        p = self.patch_size
+        images = images.float().cpu()
+        pixel_mask = batch.masks.cpu().repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).float()
+        recon = reconstruction.float().cpu()
+        if self.norm_target:  # predictions are per-patch normalized: show them in the input's patch statistics
+            recon = denormalize_patches(recon, images, self.mask_patch_size)
+        # Masked pixels at 0 in normalized space: they show as the dataset's mean color.
+        shown = [images, images * (1 - pixel_mask), recon]
+        tiles = [(t * std + mean).clamp(0, 1) for t in shown]
+        rows = torch.stack(tiles, dim=1).flatten(0, 1)  # image0: in, masked, recon; image1: ...
+        return make_grid(rows, nrow=3, padding=1, pad_value=1.0)
+
+
+OBJECTIVES = {"supervised": SupervisedObjective, "simmim": SimMIMObjective}
+
+
+def build_objective(cfg: Config, num_classes: int):
     """The objective named by `objective.kind`."""
-    objectives = {"supervised": SupervisedObjective}
-    return objectives[cfg.objective.kind](cfg, num_classes)
+    return OBJECTIVES[cfg.objective.kind](cfg, num_classes)

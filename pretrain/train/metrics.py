@@ -15,6 +15,7 @@ from pathlib import Path
 class Metrics:
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.writer = None
         self.jsonl = None
         if enabled:
@@ -32,6 +33,18 @@ class Metrics:
         self.writer.flush()
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
         self.jsonl.flush()
+
+    def image(self, name: str, picture, step: int) -> None:
+        """A (3, H, W) picture in [0, 1]: to TensorBoard, and as RUN_DIR/images/<name>-<step>.png."""
+        if not self.enabled:
+            return
+        from torchvision.utils import save_image
+
+        self.writer.add_image(name, picture, step)
+        self.writer.flush()
+        folder = self.run_dir / "images"
+        folder.mkdir(exist_ok=True)
+        save_image(picture, folder / f"{name.replace('/', '_')}-{step:08d}.png")
 
     def print(self, text: str) -> None:
         if self.enabled:

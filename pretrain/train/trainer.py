@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config
-from pretrain.data.shards import eval_loader, train_loader
+from pretrain.data.shards import Batch, eval_loader, train_loader
 from pretrain.data.transforms import BatchPreprocess
+from pretrain.models.backbones import BACKBONES
 from pretrain.parallel.topology import Topology
 from pretrain.train import checkpoint
 from pretrain.train.metrics import Metrics
@@ -50,6 +51,8 @@ class Trainer:
         self.state = TrainState()
         self.skipped_here = 0  # samples this rank skipped since this process started
         self.norm_not_recorded = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
+        self.show_images = cfg.objective.kind == "simmim"
+        self.fixed_batch: Batch | None = None
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -108,12 +111,10 @@ class Trainer:
             grad_norm = None
             for _ in range(accum):
                 t_wait = time.time()
-                images, labels, skipped = next(batches)
+                batch = next(batches)
                 window["wait"] += time.time() - t_wait
-                self.skipped_here += skipped
-                images = preprocess(images.to(self.device, non_blocking=True))
-                inputs, targets = self.objective.prepare(images, labels.to(self.device))
-                loss = self.objective.loss(self.engine(inputs.to(self.dtype)), targets)
+                self.skipped_here += batch.skipped
+                loss = self.objective.loss(*self._forward(batch, preprocess, training=True))
                 self.engine.backward(loss)
                 if self.engine.is_gradient_accumulation_boundary() and self.norm_not_recorded:
                     grad_norm = self._local_grad_norm()
@@ -131,14 +132,17 @@ class Trainer:
                 window.update(loss=0.0, micro=0, wait=0.0, start=time.time(), steps=0)
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != total:
                 last_eval = self.evaluate()
+            if self.show_images and cfg.log.images_every_steps and step % cfg.log.images_every_steps == 0:
+                self.log_images()
             if step % cfg.checkpoint.every_steps == 0 or step == total:
                 self.save()
         if self.state.step == total:
             last_eval = self.evaluate()
+            if self.show_images:
+                self.log_images()
         skipped, _ = self.skipped_counts()
         self.metrics.print(f"finished: {self.state.step} steps, {self.state.samples_seen} samples seen, "
-                           f"{skipped} undecodable samples skipped"
-                           + (f", eval top-1 {last_eval['eval/top1']:.4f}" if last_eval else ""))
+                           f"{skipped} undecodable samples skipped")
         return last_eval
 
     def _log_train(self, step: int, lr: float, window: dict[str, float], epoch_size: int) -> None:
@@ -165,48 +169,71 @@ class Trainer:
             + (f"  skipped {int(skipped_total)}" if skipped_total else "")
         )
 
+    def _forward(self, batch: Batch, preprocess: BatchPreprocess, training: bool):
+        """(model outputs, loss targets) for one batch; the image input runs in the training precision."""
+        images = preprocess(batch.images.to(self.device, non_blocking=True))
+        inputs, targets = self.objective.prepare(images, batch, training)
+        return self.engine(inputs[0].to(self.dtype), *inputs[1:]), targets
+
     # -- evaluation --------------------------------------------------------------------
+
+    def _dummy_batch(self) -> Batch:
+        size, tokens = self.img_size, self.img_size // BACKBONES[self.cfg.model.arch].patch_size
+        return Batch(torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), 0,
+                     torch.zeros(1, tokens, tokens, dtype=torch.uint8))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1/top-5 over the whole validation split, each sample counted exactly once."""
+        """The objective's metrics over the whole validation split, each sample counted exactly once."""
         self.engine.eval()
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = None
         skipped = 0
         batches = iter(eval_loader(self.cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size))
         preprocess = BatchPreprocess(self.cfg, training=False, device=self.device)
         while True:
             batch = next(batches, None)
-            if batch is not None and batch[1].numel() == 0:  # only skipped samples at the end of a shard
-                skipped += batch[2]
+            if batch is not None and batch.labels.numel() == 0:  # only skipped samples at the end of a shard
+                skipped += batch.skipped
                 continue
             # Ranks may hold different numbers of batches; with ZeRO-3 every forward is a
-            # collective, so a rank that ran out runs an empty-weight dummy batch until all are done.
+            # collective, so a rank that ran out runs a zero-weight dummy batch until all are done.
             more = torch.tensor([0.0 if batch is None else 1.0])
             dist.all_reduce(more, op=dist.ReduceOp.MAX)
             if more.item() == 0:
                 break
-            if batch is None:
-                images = torch.zeros(1, 3, self.img_size, self.img_size, dtype=torch.uint8)
-                labels, valid = torch.zeros(1, dtype=torch.long), torch.zeros(1)
-            else:
-                images, labels, n_skipped = batch
-                skipped += n_skipped
-                valid = torch.ones(labels.shape[0])
-            logits = self.engine(preprocess(images.to(self.device)).to(self.dtype))
-            sums += self.objective.eval_counts(logits.cpu(), labels, valid).double()
+            valid = torch.zeros(1) if batch is None else torch.ones(batch.labels.shape[0])
+            batch = self._dummy_batch() if batch is None else batch
+            skipped += batch.skipped
+            outputs, targets = self._forward(batch, preprocess, training=False)
+            batch_sums = self.objective.eval_sums(outputs, targets, valid)
+            sums = batch_sums if sums is None else sums + batch_sums
+        if sums is None:  # no validation data on any rank
+            sums = self.objective.eval_sums(*self._forward(self._dummy_batch(), preprocess, False), torch.zeros(1))
         totals = torch.cat([sums, torch.tensor([float(skipped)], dtype=torch.float64)])
         dist.all_reduce(totals)
-        n, top1, top5, loss, skipped_total = totals.tolist()
-        result = {
-            "eval/top1": top1 / max(1.0, n),
-            "eval/top5": top5 / max(1.0, n),
-            "eval/loss": loss / max(1.0, n),
-            "eval/samples": n,
-            "eval/skipped": skipped_total,
-        }
+        result = {**self.objective.eval_metrics(totals[:-1]), "eval/skipped": float(totals[-1])}
         self.metrics.log(self.state.step, result)
-        self.metrics.print(f"step {self.state.step}: eval top-1 {result['eval/top1']:.4f}  "
-                           f"top-5 {result['eval/top5']:.4f}  loss {result['eval/loss']:.4f}  on {int(n)} images")
+        shown = "  ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in result.items()
+                          if k not in ("eval/samples", "eval/skipped"))
+        self.metrics.print(f"step {self.state.step}: eval {shown}  on {int(result['eval/samples'])} images")
         self.engine.train()
         return result
+
+    @torch.no_grad()
+    def log_images(self) -> None:
+        """Pictures of the objective on a fixed set of validation images (every rank runs the forward)."""
+        if self.fixed_batch is None:
+            first = next(iter(eval_loader(self.cfg, self.dataset, self.img_size, rank=0, world=1)), None)
+            if first is None or first.labels.numel() == 0:
+                return
+            n = self.cfg.log.images
+            self.fixed_batch = Batch(first.images[:n], first.labels[:n], 0,
+                                     None if first.masks is None else first.masks[:n])
+        self.engine.eval()
+        preprocess = BatchPreprocess(self.cfg, training=False, device=self.device)
+        images = preprocess(self.fixed_batch.images.to(self.device))
+        outputs, _ = self._forward(self.fixed_batch, preprocess, training=False)
+        picture = self.objective.visualize(outputs, images, self.fixed_batch)
+        self.engine.train()
+        if picture is not None:
+            self.metrics.image("eval/reconstruction", picture, self.state.step)
