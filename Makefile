@@ -7,10 +7,13 @@ STAMP  := $(VENV)/.installed
 # DeepSpeed's JIT-compiled ops look for ninja and g++ on PATH.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: demo test test-fast os-deps clean
+.PHONY: demo demo-simmim test test-fast os-deps clean
 
 demo: $(STAMP)
-	bash launch/demo.sh
+	bash launch/demo.sh supervised
+
+demo-simmim: $(STAMP)
+	bash launch/demo.sh simmim
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# The laptop demo: digits -> shards -> 2-process DeepSpeed ZeRO-2 bf16 training of
-# swin_debug -> export -> held-out top-1 of the export loaded in stock timm.
+# The laptop demo, supervised (default) or SimMIM:
+#   launch/demo.sh [supervised|simmim] [--set section.key=value ...]
+# digits -> shards -> 2-process DeepSpeed ZeRO-2 bf16 training of swin_debug -> export ->
+# supervised: held-out top-1 of the export loaded in stock timm;
+# simmim: reconstruction pictures under runs/demo_simmim/images/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 DEEPSPEED=${DEEPSPEED:-.venv/bin/deepspeed}
 NPROC=${NPROC:-2}
+OBJECTIVE=supervised
+if [[ $# -gt 0 && $1 != --* ]]; then OBJECTIVE=$1; shift; fi
+case $OBJECTIVE in
+    supervised) CONFIG=configs/demo.yaml; RUN=runs/demo ;;
+    simmim) CONFIG=configs/demo_simmim.yaml; RUN=runs/demo_simmim ;;
+    *) echo "error: unknown objective '$OBJECTIVE' (use supervised or simmim)" >&2; exit 2 ;;
+esac
 if ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     export DS_ACCELERATOR=cpu
 fi
@@ -14,8 +24,12 @@ start=$(date +%s)
 [ -d demo/images ] || "$PYTHON" -m pretrain.data.digits --out demo/images
 [ -f demo/shards/dataset.json ] || "$PYTHON" -m pretrain.data.write_shards --src demo/images --out demo/shards --shard-samples 100
 
-rm -rf runs/demo   # the demo always starts fresh; real runs resume instead
-"$DEEPSPEED" --log_level warning --num_gpus "$NPROC" pretrain/main.py --config configs/demo.yaml "$@"
-"$PYTHON" -m pretrain.export --run runs/demo --out runs/demo/export
-"$PYTHON" -m pretrain.evaluate --model runs/demo/export --data demo/shards
-echo "demo finished in $(( $(date +%s) - start ))s; TensorBoard: tensorboard --logdir runs/demo/tensorboard"
+rm -rf "$RUN"   # the demo always starts fresh; real runs resume instead
+"$DEEPSPEED" --log_level warning --num_gpus "$NPROC" pretrain/main.py --config "$CONFIG" "$@"
+"$PYTHON" -m pretrain.export --run "$RUN" --out "$RUN/export"
+if [[ $OBJECTIVE == supervised ]]; then
+    "$PYTHON" -m pretrain.evaluate --model "$RUN/export" --data demo/shards
+else
+    echo "reconstructions (input | masked | reconstruction): $(ls "$RUN"/images/*.png | tail -1)"
+fi
+echo "demo finished in $(( $(date +%s) - start ))s; TensorBoard: tensorboard --logdir $RUN/tensorboard"

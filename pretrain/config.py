@@ -115,6 +115,8 @@ class ScheduleConfig:
 class ParallelConfig:
     zero_stage: int = field(2, "DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3.")
     offload_optimizer: bool = field(False, "Keep optimizer state in CPU memory (ZeRO 1-3).")
+    activation_checkpointing: Literal["none", "blocks"] = field(
+        "none", "Recompute activations in the backward pass: none, or every Swin block (timm's checkpointing).")
 
 
 @dataclass

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_backbone_weights(getattr(model, "encoder", model), cfg.run.init_from)
         if topo.is_main:
             print(f"initialized {loaded} backbone tensors from {cfg.run.init_from}", flush=True)
+    if cfg.parallel.activation_checkpointing == "blocks":
+        model.set_grad_checkpointing(True)
     groups, group_names = param_groups(model, cfg.optim.weight_decay)
     schedule = build_schedule(cfg)
     optimizer = build_optimizer(cfg, groups, schedule.peak)

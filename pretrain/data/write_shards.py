@@ -3,8 +3,8 @@
     python -m pretrain.data.write_shards --src SRC --out SHARD_DIR [--workers N] [--max-size 512]
 
 SRC is a class-per-folder tree or a folder of per-class tars (see sources.py). A fraction
-of every class is held out as `val-*.tar`; the rest is shuffled across classes with a fixed
-seed and cut into `train-*.tar` shards of a target size (samples or MB). Every image is
+of every class is held out as `val-*.tar`; both splits are shuffled across classes with a
+fixed seed and cut into `train-*.tar` shards of a target size (samples or MB). Every image is
 decoded once here; files that do not decode are listed in `skipped.txt` and left out.
 `--max-size` re-encodes images whose shorter side is larger, as JPEG, to shrink the set.
 
@@ -142,7 +142,8 @@ def write_shards(src: Path, out: Path, val_fraction: float = 0.1, shard_samples:
     classes, images = list_images(src)
     rng = random.Random(seed)
     train, val = split_per_class(images, val_fraction, rng)
-    rng.shuffle(train)  # mix classes within every training shard
+    rng.shuffle(train)  # mix classes within every shard
+    rng.shuffle(val)
     shard_bytes = int(shard_mb * 2**20)
     jobs = (cut_into_shards("train", train, shard_samples, shard_bytes, max_size)
             + cut_into_shards("val", val, shard_samples, shard_bytes, max_size))

@@ -143,11 +143,14 @@ class SimMIMObjective:
         recon = reconstruction.float().cpu()
         if self.norm_target:  # predictions are per-patch normalized: show them in the input's patch statistics
             recon = denormalize_patches(recon, images, self.mask_patch_size)
-        # Masked pixels at 0 in normalized space: they show as the dataset's mean color.
-        shown = [images, images * (1 - pixel_mask), recon]
+        # Masked pixels at 0 in normalized space show as the dataset's mean color. The loss
+        # only sees masked pixels, so the reconstruction is shown there, on the visible input.
+        shown = [images, images * (1 - pixel_mask), images * (1 - pixel_mask) + recon * pixel_mask]
         tiles = [(t * std + mean).clamp(0, 1) for t in shown]
         rows = torch.stack(tiles, dim=1).flatten(0, 1)  # image0: in, masked, recon; image1: ...
-        return make_grid(rows, nrow=3, padding=1, pad_value=1.0)
+        if rows.shape[-1] < 96:  # enlarge tiny inputs (the demo's 32 px) so they can be seen
+            rows = F.interpolate(rows, scale_factor=96 // rows.shape[-1], mode="nearest")
+        return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
 
 
 OBJECTIVES = {"supervised": SupervisedObjective, "simmim": SimMIMObjective}
