@@ -39,6 +39,7 @@ class RunConfig:
     output_dir: str = field("runs", "Parent directory of run directories.")
     seed: int = field(0, "Seed for model init, data order and augmentation.")
     auto_resume: bool = field(True, "Resume from the run directory's latest checkpoint if there is one.")
+    max_bad_steps: int = field(20, "Stop after this many consecutive steps with a non-finite loss.")
     init_from: str = field("", "Export directory (pretrain.export) whose backbone weights start this run; "
                                "ignored when resuming from a checkpoint.")
 
@@ -131,6 +132,7 @@ class LogConfig:
     images_every_steps: int = field(1000, "SimMIM: input / masked / reconstruction images every N steps "
                                           "(and at the end).")
     images: int = field(8, "SimMIM: number of validation images shown.")
+    peak_tflops: float = field(0.0, "Dense bf16 peak of one device in TFLOP/s, for MFU; 0 = known GPUs only.")
 
 
 @dataclass
@@ -306,7 +308,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 def launch_world_size() -> int:
     """World size announced by the launcher (deepspeed, torchrun, Slurm), 1 for plain python."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):  # deepspeed/torchrun, then srun
         if os.environ.get(var):
             return int(os.environ[var])
     return 1
@@ -357,6 +359,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
              f"objective.mask_patch_size={o.mask_patch_size} must divide model.img_size={img} and be a multiple "
              f"of the model patch size {patch}")
         need(o.mixup == 0 and o.cutmix == 0, "objective.mixup / objective.cutmix must be 0 with objective.kind=simmim")
+    need(cfg.run.max_bad_steps >= 1, f"run.max_bad_steps={cfg.run.max_bad_steps} must be >= 1")
+    need(cfg.log.peak_tflops >= 0, f"log.peak_tflops={cfg.log.peak_tflops} must be >= 0")
     need(cfg.log.images_every_steps >= 0, f"log.images_every_steps={cfg.log.images_every_steps} must be >= 0")
     need(cfg.log.images >= 1, f"log.images={cfg.log.images} must be >= 1")
     if cfg.run.init_from:
@@ -462,7 +466,22 @@ def write_readme_reference(readme: Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["--readme"]:
-        write_readme_reference(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pretrain.config",
+                                 description="Print the config reference, or facts of a config.")
+    ap.add_argument("--readme", type=Path, help="rewrite the config reference section of this README")
+    ap.add_argument("--run-dir", action="store_true", help="print the run directory of --config with --set")
+    ap.add_argument("--config", help="YAML config (for --run-dir)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args()
+    if args.readme:
+        write_readme_reference(args.readme)
+    elif args.run_dir:
+        try:
+            print(load_config(args.config, args.overrides, check=False).run_dir)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            sys.exit(2)
     else:
         print(reference_markdown())

@@ -6,7 +6,8 @@
 
 Reads and validates the config (errors: one line, exit code 2), builds the backbone, the
 objective and the DeepSpeed engine, resumes from the run's latest checkpoint if any,
-and trains for `schedule.total_steps` optimizer steps.
+and trains for `schedule.total_steps` optimizer steps. Exit codes: 0 done, 2 config
+error, 3 stopped by SIGUSR1/SIGTERM after a checkpoint (re-run to continue), 4 diverged.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ if __package__ in (None, ""):
 import torch
 
 from pretrain.config import ConfigError, dump_config, load_config
+
+
+EXIT_PREEMPTED = 3  # stopped on a signal after a checkpoint: requeue / re-run to continue
+EXIT_DIVERGED = 4  # too many non-finite losses in a row
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.parallel.topology import discover, init_distributed
     from pretrain.train.metrics import Metrics
     from pretrain.train.optim import build_optimizer, build_schedule, param_groups
-    from pretrain.train.trainer import Trainer
+    from pretrain.train.trainer import Diverged, Preempted, Trainer
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO still calls this collective under its deprecated name; not actionable for users.
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         # The class list travels with the run, so export works without the shards.
         (cfg.run_dir / "dataset.json").write_text(json.dumps(dataset, indent=1))
     dist.barrier()
-    metrics = Metrics(cfg.run_dir, enabled=topo.is_main)
+    metrics = Metrics(cfg.run_dir, rank=topo.rank)
     client_state = {
         "arch": cfg.model.arch,
         "num_classes": num_classes,
@@ -99,12 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         "param_group_names": group_names,
     }
     trainer = Trainer(cfg, topo, engine, objective, schedule, dataset, img_size, metrics, client_state)
-    trainer.resume()
-    trainer.fit()
+    status = 0
+    try:
+        trainer.resume()
+        trainer.fit()
+    except Preempted as e:
+        metrics.print(str(e))
+        status = EXIT_PREEMPTED
+    except Diverged as e:
+        metrics.print(str(e), error=True)
+        status = EXIT_DIVERGED
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

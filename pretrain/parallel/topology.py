@@ -8,10 +8,11 @@ factored out of the world here, and only here.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
+
+from launch.env import rank_environment
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,9 @@ class Topology:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def discover() -> Topology:
-    """Read rank and world size from the launcher (deepspeed, torchrun); a lone process is rank 0 of 1."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    """This process's place, from whichever launcher started it (see launch/env.py)."""
+    rank_environment()
     return Topology(
         rank=int(os.environ["RANK"]),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),

@@ -4,18 +4,28 @@ Layout: `RUN_DIR/checkpoints/step00000010/...` (one DeepSpeed tag per save) and
 `RUN_DIR/checkpoints/latest`, a one-line file naming the newest complete tag. `latest`
 is replaced (write to a temp file, then rename) only after every rank has finished
 writing, so a crash during a save leaves the previous checkpoint as the one resumed.
+Each complete tag also gets `manifest.json` (every file and its size); a tag whose files
+do not match its manifest is passed over, with a warning, for the one before it.
+
+`StopSignal` turns SIGUSR1 / SIGTERM (Slurm preemption, scancel) into a flag that all
+ranks agree on through an all-reduce, so they checkpoint and stop at the same step.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -35,7 +45,30 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if tag and (ckpt_dir / tag).is_dir() else None
 
 
+def _write_manifest(tag_dir: Path) -> None:
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    tmp = tag_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(files, indent=0))
+    os.replace(tmp, tag_dir / MANIFEST)
+
+
+def problem_with(tag_dir: Path) -> str | None:
+    """Why the checkpoint in `tag_dir` cannot be trusted, or None if its files match its manifest."""
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (the save did not finish)"
+    for name, size in json.loads(manifest.read_text()).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
 def _publish(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+    _write_manifest(ckpt_dir / tag)
     tmp = ckpt_dir / f".{LATEST}.tmp"
     tmp.write_text(tag + "\n")
     os.replace(tmp, ckpt_dir / LATEST)
@@ -60,12 +93,39 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
 
 
 def resume(engine: Any, run_dir: Path) -> dict[str, Any] | None:
-    """Load the latest checkpoint into the engine (every rank); return its client state, or None."""
+    """Load the newest intact checkpoint into the engine (every rank); return its client state, or None."""
     ckpt_dir = checkpoint_dir(run_dir)
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
+    newest = latest_tag(ckpt_dir)
+    if newest is None:
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
-    return client_state
+    # Every rank sees the same files, so every rank picks the same tag without talking.
+    candidates = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")
+                         and p.name <= newest), reverse=True)
+    for tag in candidates:
+        problem = problem_with(ckpt_dir / tag)
+        if problem is None:
+            path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            if path is None:
+                raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
+            return client_state
+        if dist.get_rank() == 0:
+            warnings.warn(f"checkpoint {ckpt_dir / tag} is incomplete ({problem}); trying the one before it",
+                          stacklevel=2)
+    raise RuntimeError(f"no intact checkpoint in {ckpt_dir}; move it away to start over")
+
+
+class StopSignal:
+    """Remembers SIGUSR1 / SIGTERM; `agreed()` is True on every rank once any rank received one."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,24 +1,33 @@
-"""Run metrics: TensorBoard scalars, a JSON-lines copy, and the console line (rank 0 only).
+"""Run metrics: TensorBoard scalars, a JSON-lines copy, the console, per-rank log files.
 
-Scalars are namespaced (`train/loss`, `eval/top1`, ...). `metrics.jsonl` in the run
-directory holds the same numbers, one JSON object per logged step, for scripts and tests.
+Rank 0 writes TensorBoard and `metrics.jsonl` (the same scalars, one JSON object per
+logged step, for scripts and tests) and prints the console lines. Every rank writes its
+own `RUN_DIR/logs/rank<N>.log` (console lines, warnings, skipped samples).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 
 
 class Metrics:
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, rank: int):
+        self.enabled = rank == 0
         self.run_dir = run_dir
         self.writer = None
         self.jsonl = None
-        if enabled:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        logging.getLogger().setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        self.log_file = logging.getLogger("pretrain")
+        if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -46,9 +55,11 @@ class Metrics:
         folder.mkdir(exist_ok=True)
         save_image(picture, folder / f"{name.replace('/', '_')}-{step:08d}.png")
 
-    def print(self, text: str) -> None:
+    def print(self, text: str, error: bool = False) -> None:
+        """A console line from rank 0 (stderr if `error`); every rank keeps it in its log file."""
+        self.log_file.log(logging.ERROR if error else logging.INFO, text)
         if self.enabled:
-            print(text, file=sys.stdout, flush=True)
+            print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.enabled:

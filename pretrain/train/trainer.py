@@ -7,10 +7,10 @@ evaluation keeps ranks in step), so no collective ever waits for a rank that sto
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from pretrain.config import Config
 from pretrain.data.shards import Batch, eval_loader, train_loader
 from pretrain.data.transforms import BatchPreprocess
+from pretrain.flops import device_peak_flops, train_flops_per_image
 from pretrain.models.backbones import BACKBONES
 from pretrain.parallel.topology import Topology
 from pretrain.train import checkpoint
@@ -27,11 +28,55 @@ from pretrain.train.optim import WarmupCosine, set_lr
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class Preempted(Exception):
+    """Training stopped on a signal after saving a checkpoint; the job should be re-run."""
+
+
+class Diverged(Exception):
+    """Too many consecutive non-finite losses; the last checkpoint is left as it was."""
+
+
 @dataclass
 class TrainState:
     step: int = 0
     samples_seen: int = 0
     skipped_samples: int = 0  # over all ranks, up to the checkpoint this run resumed from
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss
+
+
+@dataclass
+class Window:
+    """What happened since the last log line."""
+
+    start: float = field(default_factory=time.time)
+    steps: int = 0
+    wait: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    lr: float = 0.0
+    grad_norm: float = 0.0
+
+    def add(self, lr: float, loss: float | None, grad_norm: float) -> None:
+        self.steps += 1
+        self.lr, self.grad_norm = lr, grad_norm
+        if loss is not None:
+            self.losses.append(loss)
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Trainer:
@@ -53,6 +98,12 @@ class Trainer:
         self.norm_not_recorded = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
         self.show_images = cfg.objective.kind == "simmim"
         self.fixed_batch: Batch | None = None
+        self.stop = checkpoint.StopSignal()
+        self.bad_in_a_row = 0
+        self.fault_nan_steps = {int(s) for s in os.environ.get("PRETRAIN_FAULT_NAN_STEPS", "").split(",") if s}
+        self.flops_per_image = train_flops_per_image(cfg.model.arch, cfg.model.img_size, cfg.model.window_size,
+                                                     client_state.get("num_classes", 0))
+        self.peak_flops = device_peak_flops(cfg.log.peak_tflops)
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -62,7 +113,8 @@ class Trainer:
         saved = checkpoint.resume(self.engine, self.cfg.run_dir)
         if saved is None:
             return
-        self.state = TrainState(saved["step"], saved["samples_seen"], saved.get("skipped_samples", 0))
+        self.state = TrainState(saved["step"], saved["samples_seen"], saved.get("skipped_samples", 0),
+                                saved.get("skipped_steps", 0))
         self.metrics.print(f"resumed from step {self.state.step} ({self.state.samples_seen} samples seen)")
 
     def skipped_counts(self) -> tuple[int, int]:
@@ -75,7 +127,7 @@ class Trainer:
 
     def save(self) -> None:
         state = {**self.client_state, "step": self.state.step, "samples_seen": self.state.samples_seen,
-                 "skipped_samples": self.skipped_counts()[0]}
+                 "skipped_samples": self.skipped_counts()[0], "skipped_steps": self.state.skipped_steps}
         tag = checkpoint.save(self.engine, self.cfg.run_dir, self.state.step, state, self.cfg.checkpoint.keep_last)
         self.metrics.print(f"step {self.state.step}: saved checkpoint {tag}")
 
@@ -95,78 +147,126 @@ class Trainer:
         return (t / self.topo.world_size).tolist()
 
     def fit(self) -> dict[str, float]:
+        """Train to `schedule.total_steps`; raises Preempted (after a checkpoint) or Diverged."""
         cfg = self.cfg
         total = cfg.schedule.total_steps
-        accum = self.engine.gradient_accumulation_steps()
-        epoch_size = max(1, self.dataset["splits"]["train"]["samples"])
         batches = iter(train_loader(cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size,
                                     self.state.step))
         preprocess = BatchPreprocess(cfg, training=True, device=self.device)
         self.engine.train()
-        window = {"loss": 0.0, "micro": 0, "wait": 0.0, "grad_norm": 0.0, "start": time.time(), "steps": 0}
+        window = Window()
         last_eval: dict[str, float] = {}
         while self.state.step < total:
-            lr = self.schedule.lr(self.state.step)
-            set_lr(self.engine.optimizer, lr)
-            grad_norm = None
-            for _ in range(accum):
-                t_wait = time.time()
-                batch = next(batches)
-                window["wait"] += time.time() - t_wait
-                self.skipped_here += batch.skipped
-                loss = self.objective.loss(*self._forward(batch, preprocess, training=True))
-                self.engine.backward(loss)
-                if self.engine.is_gradient_accumulation_boundary() and self.norm_not_recorded:
-                    grad_norm = self._local_grad_norm()
-                self.engine.step()
-                window["loss"] += loss.item()
-                window["micro"] += 1
+            if self._train_step(batches, preprocess, window):
+                self.bad_in_a_row = 0
+            else:
+                self.bad_in_a_row += 1
+                self.state.skipped_steps += 1
+                self.metrics.print(f"step {self.state.step + 1}: non-finite loss, update skipped "
+                                   f"({self.bad_in_a_row} in a row)")
+                if self.bad_in_a_row >= cfg.run.max_bad_steps:
+                    raise Diverged(f"stopping: {self.bad_in_a_row} consecutive steps had a non-finite loss "
+                                   f"(run.max_bad_steps); the last checkpoint "
+                                   f"{checkpoint.latest_tag(checkpoint.checkpoint_dir(cfg.run_dir))} is intact")
             self.state.step += 1
             self.state.samples_seen += cfg.batch.global_batch
-            window["steps"] += 1
-            window["grad_norm"] = grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm())
-
             step = self.state.step
             if step % cfg.log.every_steps == 0 or step == total:
-                self._log_train(step, lr, window, epoch_size)
-                window.update(loss=0.0, micro=0, wait=0.0, start=time.time(), steps=0)
+                self._log_train(step, window)
+                window = Window()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != total:
                 last_eval = self.evaluate()
             if self.show_images and cfg.log.images_every_steps and step % cfg.log.images_every_steps == 0:
                 self.log_images()
             if step % cfg.checkpoint.every_steps == 0 or step == total:
                 self.save()
+            if self.stop.agreed():
+                if step % cfg.checkpoint.every_steps and step != total:
+                    self.save()
+                raise Preempted(f"stopped at step {step} on {self.stop.received or 'a signal to another rank'}; "
+                                f"checkpoint saved, re-run (or requeue) to continue")
         if self.state.step == total:
             last_eval = self.evaluate()
             if self.show_images:
                 self.log_images()
         skipped, _ = self.skipped_counts()
         self.metrics.print(f"finished: {self.state.step} steps, {self.state.samples_seen} samples seen, "
-                           f"{skipped} undecodable samples skipped")
+                           f"{skipped} undecodable samples skipped, {self.state.skipped_steps} steps skipped")
         return last_eval
 
-    def _log_train(self, step: int, lr: float, window: dict[str, float], epoch_size: int) -> None:
-        loss, wait = self._mean_over_ranks([window["loss"] / max(1, window["micro"]), window["wait"]])
+    def _train_step(self, batches: Iterator[Batch], preprocess: BatchPreprocess, window: Window) -> bool:
+        """One optimizer step over `accum` micro-batches; False if it was skipped for a non-finite loss.
+
+        A non-finite loss on any rank makes every rank back-propagate a zero loss on a blank
+        batch instead (DeepSpeed's accumulation stays in step) and apply the update at LR 0,
+        which leaves the weights unchanged.
+        """
+        lr = self.schedule.lr(self.state.step)
+        set_lr(self.engine.optimizer, lr)
+        finite, grad_norm, losses = True, None, []
+        for _ in range(self.engine.gradient_accumulation_steps()):
+            t_wait = time.time()
+            batch = next(batches)
+            window.wait += time.time() - t_wait
+            self.skipped_here += batch.skipped
+            loss = self.objective.loss(*self._forward(batch, preprocess, training=True))
+            if self.state.step + 1 in self.fault_nan_steps and self.topo.rank == 0:
+                loss = loss * float("nan")  # fault injection for tests (PRETRAIN_FAULT_NAN_STEPS)
+            if not self._finite_everywhere(loss):
+                finite = False
+                blank = batch._replace(images=torch.zeros_like(batch.images))
+                loss = self.objective.loss(*self._forward(blank, preprocess, training=True)) * 0.0
+            self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                if not finite:
+                    set_lr(self.engine.optimizer, 0.0)
+                if self.norm_not_recorded:
+                    grad_norm = self._local_grad_norm()
+            self.engine.step()
+            losses.append(loss.item())
+        window.add(lr, sum(losses) / len(losses) if finite else None,
+                   grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm() or 0.0))
+        return finite
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0 if torch.isfinite(loss).item() else 1], dtype=torch.int32)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0
+
+    def _log_train(self, step: int, window: Window) -> None:
+        cfg = self.cfg
+        loss, wait = self._mean_over_ranks([window.mean_loss(), window.wait])
         skipped_total, skipped_max = self.skipped_counts()
-        elapsed = max(1e-9, time.time() - window["start"])
-        images_per_s = window["steps"] * self.cfg.batch.global_batch / elapsed
+        elapsed = max(1e-9, time.time() - window.start)
+        images_per_s = window.steps * cfg.batch.global_batch / elapsed
         scalars = {
             "train/loss": loss,
-            "train/lr": lr,
-            "train/grad_norm": window["grad_norm"],
+            "train/lr": window.lr,
+            "train/grad_norm": window.grad_norm,
             "train/images_per_s": images_per_s,
+            "train/images_per_s_per_gpu": images_per_s / self.topo.world_size,
             "train/data_wait_pct": 100.0 * wait / elapsed,
             "train/samples_seen": self.state.samples_seen,
-            "train/epoch": self.state.samples_seen / epoch_size,
+            "train/epoch": self.state.samples_seen / max(1, self.dataset["splits"]["train"]["samples"]),
+            "train/skipped_steps": self.state.skipped_steps,
+            "train/peak_memory_gb": peak_memory_gb(),
             "data/skipped_samples": skipped_total,
             "data/skipped_samples_max_rank": skipped_max,
         }
+        loss_scale = getattr(self.engine.optimizer, "cur_scale", None)
+        if cfg.precision == "fp16" and loss_scale is not None:
+            scalars["train/loss_scale"] = float(loss_scale)
+        if self.peak_flops:
+            scalars["train/mfu"] = self.flops_per_image * images_per_s / (self.peak_flops * self.topo.world_size)
         self.metrics.log(step, scalars)
+        eta = (cfg.schedule.total_steps - step) * elapsed / window.steps
         self.metrics.print(
-            f"step {step}/{self.cfg.schedule.total_steps}  loss {loss:.4f}  lr {lr:.3g}  "
-            f"grad {window['grad_norm']:.3f}  {images_per_s:.1f} img/s  "
+            f"step {step}/{cfg.schedule.total_steps}  loss {loss:.4f}  lr {window.lr:.3g}  "
+            f"grad {window.grad_norm:.3f}  {images_per_s:.1f} img/s  "
             f"data wait {scalars['train/data_wait_pct']:.0f}%  epoch {scalars['train/epoch']:.2f}"
+            + (f"  mfu {100 * scalars['train/mfu']:.1f}%" if "train/mfu" in scalars else "")
             + (f"  skipped {int(skipped_total)}" if skipped_total else "")
+            + f"  eta {format_duration(eta)}"
         )
 
     def _forward(self, batch: Batch, preprocess: BatchPreprocess, training: bool):

@@ -1,0 +1,1 @@
+"""Launcher helpers: rank discovery from any launcher, Slurm hostfiles, job scripts."""
