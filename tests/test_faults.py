@@ -1,0 +1,190 @@
+"""Crashes, corrupt checkpoints, non-finite losses and bad configs never lose work or show tracebacks."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from pretrain.train.checkpoint import latest_tag, problem_with
+from tests.conftest import BIN, REPO, cpu_env, free_port, metrics, run, train
+
+slow = pytest.mark.slow
+
+
+def training_command(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
+    sets = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", f"data.root={shards}",
+            "data.workers=1", "batch.micro_batch=16", "batch.global_batch=32", "schedule.warmup_steps=1",
+            "log.every_steps=1", "eval.every_steps=0", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
+            *overrides]
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "pretrain/main.py",
+            "--config", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+
+
+def rank_pids(run_dir: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", f"run.name={run_dir.name}.*--local_rank|--local_rank.*run.name={run_dir.name}"],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@slow
+def test_kill_9_of_one_rank_always_resumes_from_a_complete_checkpoint(tmp_path, shards):
+    rng = random.Random(0)
+    for trial in range(10):
+        run_dir = tmp_path / f"trial{trial}"
+        proc = subprocess.Popen(training_command(run_dir, shards, "schedule.total_steps=400"), cwd=REPO,
+                                env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Wait for training to start, then kill one rank at a random moment: checkpoints are written
+        # every 2 steps, so many kills land inside a save.
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 3.0))
+        victims = rank_pids(run_dir)
+        assert victims, "no rank processes found"
+        os.kill(rng.choice(victims), signal.SIGKILL)
+        proc.wait(timeout=120)
+        ckpt_dir = run_dir / "checkpoints"
+        tag = latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
+        if tag is not None:
+            assert problem_with(ckpt_dir / tag) is None, f"trial {trial}: latest {tag} is not complete"
+        resumed_at = int(tag.removeprefix("step")) if tag else 0
+        out = run(training_command(run_dir, shards, f"schedule.total_steps={resumed_at + 2}")).stdout
+        if tag:
+            assert f"resumed from step {resumed_at}" in out, f"trial {trial}"
+        assert latest_tag(ckpt_dir) == f"step{resumed_at + 2:08d}"
+
+
+@slow
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, shards):
+    run_dir = tmp_path / "corrupt"
+    run(training_command(run_dir, shards, "schedule.total_steps=6"))
+    states = next((run_dir / "checkpoints" / "step00000006").glob("*optim_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])  # truncated on disk
+    proc = run(training_command(run_dir, shards, "schedule.total_steps=8"))
+    assert "resumed from step 4" in proc.stdout
+    assert "step00000006 is incomplete" in (run_dir / "logs" / "rank0.log").read_text()
+
+
+@slow
+def test_a_nan_batch_is_skipped_without_touching_the_weights(tmp_path, shards):
+    run_dir = tmp_path / "nan"
+    env_run = dict(os.environ, PRETRAIN_FAULT_NAN_STEPS="3")
+    cmd = training_command(run_dir, shards, "schedule.total_steps=5", "checkpoint.every_steps=1",
+                           "checkpoint.keep_last=10", "precision=fp32")
+    proc = subprocess.run(cmd, cwd=REPO, env={**cpu_env(), "PRETRAIN_FAULT_NAN_STEPS": "3"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 3: non-finite loss, update skipped (1 in a row)" in proc.stdout
+    for tag in ("step00000002", "step00000003"):
+        run([sys.executable, "-m", "pretrain.export", "--run", str(run_dir), "--out", str(tmp_path / tag),
+             "--tag", tag])
+    before, after = (load_file(tmp_path / t / "model.safetensors") for t in ("step00000002", "step00000003"))
+    assert all((before[k] == after[k]).all() for k in before)
+    rows = {m["step"]: m for m in metrics(run_dir) if "train/loss" in m}
+    assert rows[5]["train/skipped_steps"] == 1 and rows[4]["train/loss"] == rows[4]["train/loss"]  # finite again
+
+
+@slow
+def test_consecutive_non_finite_losses_stop_the_run_and_keep_the_checkpoint(tmp_path, shards):
+    run_dir = tmp_path / "diverged"
+    cmd = [sys.executable, "pretrain/main.py", "--config", "configs/demo.yaml"]
+    for s in (f"run.output_dir={tmp_path}", "run.name=diverged", f"data.root={shards}", "data.workers=1",
+              "batch.micro_batch=16", "batch.global_batch=16", "schedule.total_steps=20", "schedule.warmup_steps=1",
+              "checkpoint.every_steps=2", "eval.every_steps=0", "run.max_bad_steps=3"):
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, env={**cpu_env(), "PRETRAIN_FAULT_NAN_STEPS": "5,6,7,8"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 4
+    # Steps 5-7 are skipped (weights unchanged, so the step-6 save holds the step-4 weights); step 7 stops.
+    assert "stopping: 3 consecutive steps had a non-finite loss (run.max_bad_steps); the last checkpoint " \
+           "step00000006 is intact" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert latest_tag(run_dir / "checkpoints") == "step00000006"
+
+
+# -- 200 mutated configs ----------------------------------------------------------------
+
+BAD_VALUES = {
+    "run.seed": ["x", 1.5, [1]], "run.auto_resume": [1, "yes", None], "run.max_bad_steps": [0, -3, "many"],
+    "model.arch": ["swin_xxl", 3], "model.img_size": [-32, 36, "224"], "model.window_size": [-1, 5, 2.5],
+    "model.drop_path": [1.0, -0.1, "high"], "objective.kind": ["mae", 1], "objective.num_classes": [-1, 3, "ten"],
+    "objective.label_smoothing": [1.0, -0.5], "objective.mixup": [-1.0, "on"], "objective.mixup_prob": [1.5],
+    "augment.crop_scale": [[0.5], [0.9, 0.1], [0.0, 1.0], 0.5], "augment.hflip": [2.0, -1],
+    "augment.interpolation": ["nearest", 3], "augment.eval_crop_pct": [0.0, 1.5],
+    "data.workers": [-1, "auto"], "data.shuffle_buffer": [0], "data.train_weights": [[1.0, 2.0], [-1.0]],
+    "batch.micro_batch": [0, -8, 4.5], "batch.global_batch": [48, 0, "big"], "optim.base_lr": [0, -1e-3, "fast"],
+    "optim.min_lr": [1.0, -1.0], "optim.betas": [[0.9], [0.9, 1.5], "0.9"], "optim.clip_grad": [-1.0],
+    "schedule.total_steps": [0, -10, 1.5], "schedule.warmup_steps": [99999, -1],
+    "parallel.zero_stage": [4, -1, "2"], "parallel.offload_optimizer": ["true", 1],
+    "parallel.activation_checkpointing": ["all", True], "precision": ["fp8", 16],
+    "checkpoint.every_steps": [0], "checkpoint.keep_last": [0], "log.every_steps": [0],
+    "eval.every_steps": [-5], "eval.micro_batch": [0],
+}
+
+
+def mutations(shards: Path, n: int, seed: int = 0) -> list[dict]:
+    """n configs derived from demo.yaml, each with one unknown key, wrong type or bad value."""
+    rng = random.Random(seed)
+    base = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    base["data"]["root"] = str(shards)
+    out = []
+    for i in range(n):
+        tree = yaml.safe_load(yaml.safe_dump(base))
+        kind = i % 3
+        if kind == 0:  # unknown key: a typo of a real one, or a made-up section
+            section = rng.choice([k for k, v in tree.items() if isinstance(v, dict)])
+            key = rng.choice(list(tree[section]))
+            typo = rng.choice([key + rng.choice("sx_"), key[:-1], "_" + key, key.replace("_", "")])
+            if typo in tree[section] or typo == key:
+                typo = key + "zz"
+            if rng.random() < 0.2:
+                tree[section + "x"] = {key: tree[section][key]}
+            else:
+                tree[section][typo] = tree[section][key]
+        else:  # wrong type or bad value
+            dotted = rng.choice(sorted(BAD_VALUES))
+            value = rng.choice(BAD_VALUES[dotted])
+            if "." in dotted:
+                section, key = dotted.split(".")
+                tree.setdefault(section, {})[key] = value
+                if dotted == "data.train_weights":
+                    tree["data"]["train_urls"] = ["train-000000.tar"]
+            else:
+                tree[dotted] = value
+        out.append(tree)
+    return out
+
+
+def test_200_mutated_configs_give_one_line_errors(tmp_path, shards):
+    from pretrain.main import main
+
+    for i, tree in enumerate(mutations(shards, 200)):
+        path = tmp_path / f"mutant{i}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        err = io.StringIO()
+        with redirect_stderr(err):
+            status = main(["--config", str(path)])
+        lines = err.getvalue().strip().splitlines()
+        assert status == 2, f"mutant {i} was accepted:\n{path.read_text()}"
+        assert len(lines) == 1 and lines[0].startswith("config error: "), (i, err.getvalue())
+
+
+def test_mutated_configs_through_the_command_line(tmp_path, shards):
+    for i, tree in enumerate(mutations(shards, 6, seed=1)):
+        path = tmp_path / f"mutant{i}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        proc = subprocess.run([sys.executable, "pretrain/main.py", "--config", str(path)], cwd=REPO,
+                              env=cpu_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
