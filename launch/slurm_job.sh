@@ -6,8 +6,8 @@
 # Ranks find each other from Slurm's environment (launch/env.py: SLURM_PROCID, SLURM_NTASKS,
 # first host of SLURM_JOB_NODELIST as master). On preemption Slurm sends SIGUSR1 to this
 # shell 180 s before the end (--signal=B:USR1@180); it is forwarded to the tasks, every rank
-# agrees to stop, a checkpoint is written, the tasks exit with code 3 and the job requeues
-# itself. A signal sent straight to the tasks (scancel --signal=USR1) ends the same way.
+# agrees to stop, a checkpoint is written, rank 0 leaves RUN_DIR/stopped_on_signal, the
+# tasks exit with code 3 and the job requeues itself. A signal sent straight to the tasks (scancel --signal=USR1) ends the same way.
 # The requeued job resumes from the run's latest checkpoint.
 set -uo pipefail
 CONFIG=$1
@@ -27,6 +27,7 @@ echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_
 
 preempted=0
 srun_pid=
+rm -f "$RUN_DIR/stopped_on_signal"
 on_signal() {
     preempted=1
     echo "batch shell got a stop signal: asking every rank to checkpoint"
@@ -44,7 +45,7 @@ while true; do
     kill -0 "$srun_pid" 2>/dev/null || break
 done
 
-if [ "$preempted" = 1 ] || [ "$status" = "$EXIT_PREEMPTED" ]; then
+if [ "$preempted" = 1 ] || [ "$status" = "$EXIT_PREEMPTED" ] || [ -f "$RUN_DIR/stopped_on_signal" ]; then
     echo "checkpoint written; requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0

@@ -121,6 +121,13 @@ class ParallelConfig:
 
 
 @dataclass
+class SpeedConfig:
+    sdpa_attention: bool = field(False, "Window attention through scaled_dot_product_attention with the bias as "
+                                        "mask (timm's fused path).")
+    compile: bool = field(False, "torch.compile every Swin block (pays off on GPUs; slower on CPU).")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = field(500, "Save a checkpoint every N optimizer steps (and always at the end).")
     keep_last: int = field(3, "Number of most recent checkpoints kept on disk.")
@@ -153,6 +160,7 @@ class Config:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     precision: Literal["bf16", "fp16", "fp32"] = field("bf16", "Training precision (bf16/fp16 keep fp32 master weights).")
+    speed: SpeedConfig = dataclasses.field(default_factory=SpeedConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)

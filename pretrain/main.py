@@ -53,16 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    import deepspeed
     import torch.distributed as dist
 
     from pretrain.config import dataset_info
-    from pretrain.models.backbones import BACKBONES, load_backbone_weights, resolve_geometry
-    from pretrain.models.objectives import build_objective
-    from pretrain.parallel.deepspeed_config import deepspeed_config
+    from pretrain.models.backbones import BACKBONES, resolve_geometry
     from pretrain.parallel.topology import discover, init_distributed
+    from pretrain.train.engine import build_training
     from pretrain.train.metrics import Metrics
-    from pretrain.train.optim import build_optimizer, build_schedule, param_groups
     from pretrain.train.trainer import Diverged, Preempted, Trainer
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -75,20 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = cfg.objective.num_classes or len(dataset["classes"])
     img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    objective = build_objective(cfg, num_classes)
-    model = objective.build_model()
-    if cfg.run.init_from:
-        loaded = load_backbone_weights(getattr(model, "encoder", model), cfg.run.init_from)
-        if topo.is_main:
-            print(f"initialized {loaded} backbone tensors from {cfg.run.init_from}", flush=True)
-    if cfg.parallel.activation_checkpointing == "blocks":
-        model.set_grad_checkpointing(True)
-    groups, group_names = param_groups(model, cfg.optim.weight_decay)
-    schedule = build_schedule(cfg)
-    optimizer = build_optimizer(cfg, groups, schedule.peak)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, topo))
-    torch.manual_seed(cfg.run.seed * 1000 + topo.rank)  # per-rank stochastic depth, Mixup, ...
+    training = build_training(cfg, topo, num_classes)
+    if training.init_message and topo.is_main:
+        print(training.init_message, flush=True)
 
     if topo.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         "arch": cfg.model.arch,
         "num_classes": num_classes,
         "label_map_version": dataset.get("label_map_version"),
-        "param_group_names": group_names,
+        "param_group_names": training.param_group_names,
     }
-    trainer = Trainer(cfg, topo, engine, objective, schedule, dataset, img_size, metrics, client_state)
+    trainer = Trainer(cfg, topo, training.engine, training.objective, training.schedule, dataset, img_size,
+                      metrics, client_state)
     status = 0
     try:
         trainer.resume()

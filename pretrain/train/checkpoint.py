@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+STOPPED_MARKER = "stopped_on_signal"  # in the run dir: checkpointed on a stop signal, requeue me
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

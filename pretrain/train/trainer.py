@@ -183,6 +183,11 @@ class Trainer:
             if self.stop.agreed():
                 if step % cfg.checkpoint.every_steps and step != total:
                     self.save()
+                # The marker tells the batch script to requeue even if srun reports another exit
+                # code (it may kill slower ranks once the first one has exited).
+                if self.topo.is_main:
+                    (cfg.run_dir / checkpoint.STOPPED_MARKER).write_text(f"{step}\n")
+                dist.barrier()
                 raise Preempted(f"stopped at step {step} on {self.stop.received or 'a signal to another rank'}; "
                                 f"checkpoint saved, re-run (or requeue) to continue")
         if self.state.step == total:
