@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from pretrain.config import dataset_info
+    from pretrain.validation import dataset_info
     from pretrain.models.backbones import BACKBONES, resolve_geometry
     from pretrain.parallel.topology import discover, init_distributed
     from pretrain.train.engine import build_training

@@ -119,7 +119,7 @@ def test_readme_config_reference_is_in_sync():
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_are_valid(shards, path):
     cfg = load_config(REPO / "configs" / path, [f"data.root={shards}", "objective.num_classes=0"], check=False)
-    from pretrain.config import validate
+    from pretrain.validation import validate
 
     # The laptop configs run on 2 processes, the 22K recipes on 2 nodes x 8 GPUs.
     validate(cfg, world_size=2 if path.startswith("demo") else 16)

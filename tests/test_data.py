@@ -252,7 +252,8 @@ def test_passes_without_resampling_cover_every_shard(shards):
 
 
 def test_too_few_shards_for_passes_is_a_config_error(shards):
-    from pretrain.config import ConfigError, validate
+    from pretrain.config import ConfigError
+    from pretrain.validation import validate
 
     cfg = cfg_for(shards)
     cfg.data.resampled, cfg.data.workers = False, 4

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pretrain.train.checkpoint import latest_tag, problem_with
-from tests.conftest import BIN, REPO, cpu_env, free_port, metrics, run, train
+from tests.conftest import BIN, REPO, cpu_env, free_port, metrics, run
 
 slow = pytest.mark.slow
 
@@ -79,7 +79,6 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, shar
 @slow
 def test_a_nan_batch_is_skipped_without_touching_the_weights(tmp_path, shards):
     run_dir = tmp_path / "nan"
-    env_run = dict(os.environ, PRETRAIN_FAULT_NAN_STEPS="3")
     cmd = training_command(run_dir, shards, "schedule.total_steps=5", "checkpoint.every_steps=1",
                            "checkpoint.keep_last=10", "precision=fp32")
     proc = subprocess.run(cmd, cwd=REPO, env={**cpu_env(), "PRETRAIN_FAULT_NAN_STEPS": "3"},

@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, metrics, run, train
+from tests.conftest import metrics, run, train
 
 pytestmark = pytest.mark.slow
 

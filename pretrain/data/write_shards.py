@@ -23,7 +23,7 @@ import random
 import sys
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 

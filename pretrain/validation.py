@@ -1,0 +1,136 @@
+"""Validation of a config's values and combinations, before any process group starts.
+
+Every check raises a ConfigError whose one-line message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import Config, ConfigError
+
+def launch_world_size() -> int:
+    """World size announced by the launcher (deepspeed, torchrun, Slurm), 1 for plain python."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):  # deepspeed/torchrun, then srun
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def dataset_info(root: str) -> dict[str, Any]:
+    """Read `dataset.json` of a shard directory, with a config error if it is missing or broken."""
+    path = Path(root) / "dataset.json"
+    if not root:
+        raise ConfigError("data.root is empty: set it to a directory written by pretrain.data.write_shards")
+    if not path.is_file():
+        raise ConfigError(f"data.root={root}: no dataset.json there (write shards with pretrain.data.write_shards)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data.root={root}: dataset.json is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check value ranges and combinations; raise ConfigError naming the offending key."""
+    from pretrain.models.backbones import BACKBONES, resolve_geometry
+
+    world = launch_world_size() if world_size is None else world_size
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name={cfg.run.name!r} must be a non-empty name without '/'")
+    need(cfg.model.arch in BACKBONES, f"model.arch={cfg.model.arch!r} is unknown (allowed: {', '.join(BACKBONES)})")
+    need(cfg.model.img_size >= 0, f"model.img_size={cfg.model.img_size} must be >= 0")
+    need(cfg.model.window_size >= 0, f"model.window_size={cfg.model.window_size} must be >= 0")
+    need(0.0 <= cfg.model.drop_path < 1.0, f"model.drop_path={cfg.model.drop_path} must be in [0, 1)")
+    resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+
+    o = cfg.objective
+    need(o.num_classes >= 0, f"objective.num_classes={o.num_classes} must be >= 0")
+    need(0.0 <= o.label_smoothing < 1.0, f"objective.label_smoothing={o.label_smoothing} must be in [0, 1)")
+    need(o.mixup >= 0 and o.cutmix >= 0, "objective.mixup and objective.cutmix must be >= 0")
+    need(0.0 <= o.mixup_prob <= 1.0, f"objective.mixup_prob={o.mixup_prob} must be in [0, 1]")
+    need(0.0 <= o.mixup_switch_prob <= 1.0, f"objective.mixup_switch_prob={o.mixup_switch_prob} must be in [0, 1]")
+
+    if o.kind == "simmim":
+        img, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+        patch = BACKBONES[cfg.model.arch].patch_size
+        need(0.0 < o.mask_ratio < 1.0, f"objective.mask_ratio={o.mask_ratio} must be in (0, 1)")
+        need(o.mask_patch_size > 0 and img % o.mask_patch_size == 0 and o.mask_patch_size % patch == 0,
+             f"objective.mask_patch_size={o.mask_patch_size} must divide model.img_size={img} and be a multiple "
+             f"of the model patch size {patch}")
+        need(o.mixup == 0 and o.cutmix == 0, "objective.mixup / objective.cutmix must be 0 with objective.kind=simmim")
+    need(cfg.run.max_bad_steps >= 1, f"run.max_bad_steps={cfg.run.max_bad_steps} must be >= 1")
+    need(cfg.log.peak_tflops >= 0, f"log.peak_tflops={cfg.log.peak_tflops} must be >= 0")
+    need(cfg.log.images_every_steps >= 0, f"log.images_every_steps={cfg.log.images_every_steps} must be >= 0")
+    need(cfg.log.images >= 1, f"log.images={cfg.log.images} must be >= 1")
+    if cfg.run.init_from:
+        need(Path(cfg.run.init_from, "model.safetensors").is_file(),
+             f"run.init_from={cfg.run.init_from}: no model.safetensors there (expected a pretrain.export directory)")
+
+    a = cfg.augment
+    need(len(a.crop_scale) == 2 and 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1,
+         f"augment.crop_scale={a.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+    need(0.0 <= a.hflip <= 1.0, f"augment.hflip={a.hflip} must be in [0, 1]")
+    need(0.0 <= a.random_erasing <= 1.0, f"augment.random_erasing={a.random_erasing} must be in [0, 1]")
+    need(0.0 < a.eval_crop_pct <= 1.0, f"augment.eval_crop_pct={a.eval_crop_pct} must be in (0, 1]")
+
+    need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    need(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1")
+    d = cfg.data
+    need(not d.train_weights or len(d.train_weights) == len(d.train_urls),
+         f"data.train_weights has {len(d.train_weights)} entries but data.train_urls has {len(d.train_urls)}")
+    need(all(w > 0 for w in d.train_weights), f"data.train_weights={d.train_weights} must all be > 0")
+    info = dataset_info(cfg.data.root)
+    if not d.resampled:
+        from pretrain.data.shards import train_sources
+
+        n_shards = sum(len(s) for s in train_sources(cfg, info))
+        need(n_shards >= world * max(1, d.workers),
+             f"data.resampled=false needs at least ranks x data.workers = {world} x {max(1, d.workers)} training "
+             f"shards, found {n_shards}; use data.resampled=true or fewer workers")
+    n_classes = len(info.get("classes", []))
+    need(o.num_classes in (0, n_classes),
+         f"objective.num_classes={o.num_classes} disagrees with the {n_classes} classes in {cfg.data.root}/dataset.json")
+
+    b = cfg.batch
+    need(b.micro_batch >= 1, f"batch.micro_batch={b.micro_batch} must be >= 1")
+    per_step = b.micro_batch * world
+    need(b.global_batch >= per_step and b.global_batch % per_step == 0,
+         f"batch.global_batch={b.global_batch} must be a multiple of batch.micro_batch x data-parallel ranks "
+         f"= {b.micro_batch} x {world} = {per_step}")
+
+    p = cfg.optim
+    need(p.base_lr > 0, f"optim.base_lr={p.base_lr} must be > 0")
+    need(0 <= p.min_lr <= p.base_lr, f"optim.min_lr={p.min_lr} must be in [0, optim.base_lr={p.base_lr}]")
+    need(0 <= p.warmup_lr <= p.base_lr, f"optim.warmup_lr={p.warmup_lr} must be in [0, optim.base_lr={p.base_lr}]")
+    need(p.weight_decay >= 0, f"optim.weight_decay={p.weight_decay} must be >= 0")
+    need(len(p.betas) == 2 and all(0 <= x < 1 for x in p.betas), f"optim.betas={p.betas} must be two numbers in [0, 1)")
+    need(p.eps > 0, f"optim.eps={p.eps} must be > 0")
+    need(p.clip_grad >= 0, f"optim.clip_grad={p.clip_grad} must be >= 0 (0 disables clipping)")
+
+    s = cfg.schedule
+    need(s.total_steps >= 1, f"schedule.total_steps={s.total_steps} must be >= 1")
+    need(0 <= s.warmup_steps < s.total_steps,
+         f"schedule.warmup_steps={s.warmup_steps} must be in [0, schedule.total_steps={s.total_steps})")
+
+    z = cfg.parallel
+    need(z.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={z.zero_stage} must be 0, 1, 2 or 3")
+    need(not (z.offload_optimizer and z.zero_stage == 0),
+         "parallel.offload_optimizer=true needs parallel.zero_stage 1, 2 or 3 (got 0)")
+    if cfg.precision == "fp16":
+        import torch
+
+        need(torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu",
+             "precision=fp16 needs a CUDA device; use precision=bf16 (or fp32) on CPU")
+
+    need(cfg.checkpoint.every_steps >= 1, f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be >= 1")
+    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
+    need(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
+    need(cfg.eval.every_steps >= 0, f"eval.every_steps={cfg.eval.every_steps} must be >= 0")
+    need(cfg.eval.micro_batch >= 1, f"eval.micro_batch={cfg.eval.micro_batch} must be >= 1")
