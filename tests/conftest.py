@@ -56,13 +56,19 @@ def train(run_dir: Path, shards: Path, *overrides: str, launcher: str = "deepspe
         *overrides,
     ]
     args = ["pretrain/main.py", "--config", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    port = free_port()
     if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port())] + args
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)] + args
     elif launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port())] + args
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port)] + args
     else:
         cmd = [sys.executable] + args
-    return run(cmd, check=check)
+    proc = run(cmd, check=check)
+    # DeepSpeed's CPU backend leaves a ~70 MB /dev/shm segment per rank unless we remove it;
+    # a suite of runs would otherwise fill the machine's memory.
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"leaked shared memory: {leaked}"
+    return proc
 
 
 def free_port() -> int:
