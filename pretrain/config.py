@@ -116,8 +116,13 @@ class ScheduleConfig:
 class ParallelConfig:
     zero_stage: int = field(2, "DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3.")
     offload_optimizer: bool = field(False, "Keep optimizer state in CPU memory (ZeRO 1-3).")
-    activation_checkpointing: Literal["none", "blocks"] = field(
-        "none", "Recompute activations in the backward pass: none, or every Swin block (timm's checkpointing).")
+    activation_checkpointing: Literal["none", "blocks", "every_k"] = field(
+        "none", "Recompute activations in the backward pass: none, every Swin block, or every k-th block.")
+    checkpoint_every_k: int = field(2, "With activation_checkpointing=every_k: recompute blocks 0, k, 2k, ...")
+    sequential_attention: list[int] = field([], "Stages (0-based) whose window attention runs a chunk of windows "
+                                                "at a time, each chunk recomputed in backward; caps peak memory "
+                                                "at high resolution with identical results.")
+    attention_chunk_windows: int = field(64, "Windows per chunk of sequential_attention.")
 
 
 @dataclass

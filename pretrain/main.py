@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.validation import dataset_info
     from pretrain.models.backbones import BACKBONES, resolve_geometry
     from pretrain.parallel.topology import discover, init_distributed
+    from pretrain.train import checkpoint
     from pretrain.train.engine import build_training
     from pretrain.train.metrics import Metrics
     from pretrain.train.trainer import Diverged, Preempted, Trainer
@@ -72,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = cfg.objective.num_classes or len(dataset["classes"])
     img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
 
-    training = build_training(cfg, topo, num_classes)
+    # Which checkpoint to continue from decides how DeepSpeed loads it (universal when the
+    # layout changed), so it is found, and converted if need be, before the engine exists.
+    resume_point = checkpoint.find_resume(cfg.run_dir, topo.dp_size, cfg.parallel.zero_stage) \
+        if cfg.run.auto_resume else None
+    if resume_point is not None:
+        checkpoint.prepare(resume_point)
+    training = build_training(cfg, topo, num_classes, load_universal=bool(resume_point and resume_point.universal))
     if training.init_message and topo.is_main:
         print(training.init_message, flush=True)
 
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                       metrics, client_state)
     status = 0
     try:
-        trainer.resume()
+        if resume_point is not None:
+            trainer.resume(resume_point)
         trainer.fit()
     except Preempted as e:
         metrics.print(str(e))

@@ -33,8 +33,12 @@ def dataset_info(root: str) -> dict[str, Any]:
         raise ConfigError(f"data.root={root}: dataset.json is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Check value ranges and combinations; raise ConfigError naming the offending key."""
+def validate(cfg: Config, world_size: int | None = None, check_data: bool = True) -> None:
+    """Check value ranges and combinations; raise ConfigError naming the offending key.
+
+    `check_data=False` skips what needs the shards (dataset.json, shard counts), for planning
+    a run on a machine that does not hold the data.
+    """
     from pretrain.models.backbones import BACKBONES, resolve_geometry
 
     world = launch_world_size() if world_size is None else world_size
@@ -86,17 +90,18 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(not d.train_weights or len(d.train_weights) == len(d.train_urls),
          f"data.train_weights has {len(d.train_weights)} entries but data.train_urls has {len(d.train_urls)}")
     need(all(w > 0 for w in d.train_weights), f"data.train_weights={d.train_weights} must all be > 0")
-    info = dataset_info(cfg.data.root)
-    if not d.resampled:
-        from pretrain.data.shards import train_sources
+    if check_data:
+        info = dataset_info(cfg.data.root)
+        if not d.resampled:
+            from pretrain.data.shards import train_sources
 
-        n_shards = sum(len(s) for s in train_sources(cfg, info))
-        need(n_shards >= world * max(1, d.workers),
-             f"data.resampled=false needs at least ranks x data.workers = {world} x {max(1, d.workers)} training "
-             f"shards, found {n_shards}; use data.resampled=true or fewer workers")
-    n_classes = len(info.get("classes", []))
-    need(o.num_classes in (0, n_classes),
-         f"objective.num_classes={o.num_classes} disagrees with the {n_classes} classes in {cfg.data.root}/dataset.json")
+            n_shards = sum(len(s) for s in train_sources(cfg, info))
+            need(n_shards >= world * max(1, d.workers),
+                 f"data.resampled=false needs at least ranks x data.workers = {world} x {max(1, d.workers)} "
+                 f"training shards, found {n_shards}; use data.resampled=true or fewer workers")
+        n_classes = len(info.get("classes", []))
+        need(o.num_classes in (0, n_classes), f"objective.num_classes={o.num_classes} disagrees with the "
+                                              f"{n_classes} classes in {cfg.data.root}/dataset.json")
 
     b = cfg.batch
     need(b.micro_batch >= 1, f"batch.micro_batch={b.micro_batch} must be >= 1")
@@ -123,6 +128,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     need(z.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={z.zero_stage} must be 0, 1, 2 or 3")
     need(not (z.offload_optimizer and z.zero_stage == 0),
          "parallel.offload_optimizer=true needs parallel.zero_stage 1, 2 or 3 (got 0)")
+    need(z.checkpoint_every_k >= 1, f"parallel.checkpoint_every_k={z.checkpoint_every_k} must be >= 1")
+    need(z.attention_chunk_windows >= 1,
+         f"parallel.attention_chunk_windows={z.attention_chunk_windows} must be >= 1")
+    stages = len(BACKBONES[cfg.model.arch].depths)
+    bad = [s for s in z.sequential_attention if not 0 <= s < stages]
+    need(not bad, f"parallel.sequential_attention={z.sequential_attention}: {cfg.model.arch} has stages "
+                  f"0..{stages - 1} (got {bad})")
     if cfg.precision == "fp16":
         import torch
 

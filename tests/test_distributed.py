@@ -175,3 +175,30 @@ def test_uneven_shards_over_two_ranks_neither_hang_nor_miscount(tmp_path, shards
     evals = [m for m in metrics(run_dir) if "eval/top1" in m]
     assert [m["step"] for m in evals] == [10, 20, 30]
     assert all(m["eval/samples"] == 179 + 79 for m in evals)  # val-000001 counted twice: listed twice
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_universal_checkpoint_resumes_two_ranks_on_one(tmp_path, shards, stage):
+    run_dir = tmp_path / f"zero{stage}"
+    common = (f"parallel.zero_stage={stage}", "batch.global_batch=32", "schedule.total_steps=8")
+    train(run_dir, shards, *common, nproc=2)
+    before = final_eval(run_dir)
+    assert json.loads((run_dir / "checkpoints" / "step00000008" / "layout.json").read_text()) == {
+        "dp_world_size": 2, "zero_stage": stage}
+
+    # One rank, same global batch: the step-8 checkpoint is converted once and loaded; with no step
+    # left to take, the run only evaluates, which shows the weights came back exactly.
+    out = train(run_dir, shards, *common, nproc=1).stdout
+    assert "converting checkpoint step00000008 to universal form" in out and "resumed from step 8" in out
+    after = final_eval(run_dir)
+    assert after["eval/top1"] == before["eval/top1"] and after["eval/top5"] == before["eval/top5"]
+    assert after["eval/loss"] == pytest.approx(before["eval/loss"], rel=1e-5)
+
+    # The loss curve goes on from there: the schedule continues at step 9 and a new checkpoint of
+    # the one-rank layout is written.
+    out = train(run_dir, shards, *common[:2], "schedule.total_steps=12", nproc=1).stdout
+    assert "converting" not in out and "resumed from step 8" in out
+    losses = train_losses(run_dir)
+    assert sorted(losses)[-4:] == [9, 10, 11, 12] and all(math.isfinite(v) for v in losses.values())
+    assert json.loads((run_dir / "checkpoints" / "step00000012" / "layout.json").read_text()) == {
+        "dp_world_size": 1, "zero_stage": stage}

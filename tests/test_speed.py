@@ -76,3 +76,13 @@ def test_data_benchmark_runs():
                "8", "--repeats", "1", "--img-size", "32", "--json"]).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["ratio_median"] > 0 and len(result["ours_images_per_s"]) == 1
+
+
+def test_memory_benchmark_runs():
+    out = run([sys.executable, "-m", "pretrain.bench", "memory", "--arch", "swin_debug", "--micro-batch", "64",
+               "--steps", "1", "--json"]).stdout
+    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    assert [(r["mode"], r["checkpointed_blocks"]) for r in rows] == [("none", 0), ("every_2", 2), ("blocks", 4)]
+    assert all(r["activation_mib"] > 0 and r["step_s"] > 0 for r in rows)
+    # Recomputing every block keeps less than keeping everything, even on the 4-block debug model.
+    assert rows[2]["activation_mib"] < rows[0]["activation_mib"]

@@ -13,7 +13,8 @@ def accumulation_steps(cfg: Config, topo: Topology) -> int:
     return cfg.batch.global_batch // (cfg.batch.micro_batch * topo.dp_size)
 
 
-def deepspeed_config(cfg: Config, topo: Topology) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, topo: Topology, load_universal: bool = False) -> dict[str, Any]:
+    """`load_universal`: the checkpoint to resume was converted for another layout."""
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
@@ -28,6 +29,7 @@ def deepspeed_config(cfg: Config, topo: Topology) -> dict[str, Any]:
         # We log our own metrics; DeepSpeed's periodic prints would interleave with ours.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     if cfg.precision != "fp32":
         # DeepSpeed casts parameters but leaves float buffers in fp32; Swin's attention

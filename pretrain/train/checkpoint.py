@@ -7,6 +7,11 @@ writing, so a crash during a save leaves the previous checkpoint as the one resu
 Each complete tag also gets `manifest.json` (every file and its size); a tag whose files
 do not match its manifest is passed over, with a warning, for the one before it.
 
+Each tag records the data-parallel size and ZeRO stage it was written with
+(`layout.json`). Resuming at another size or stage converts the tag once into DeepSpeed's
+universal format (`checkpoints/universal/<tag>`, by rank 0, with DeepSpeed's own
+ds_to_universal) and loads that, so a job can continue on fewer or more GPUs.
+
 `StopSignal` turns SIGUSR1 / SIGTERM (Slurm preemption, scancel) into a flag that all
 ranks agree on through an all-reduce, so they checkpoint and stop at the same step.
 """
@@ -18,7 +23,9 @@ import os
 import shutil
 import signal
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -26,7 +33,18 @@ import torch.distributed as dist
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+LAYOUT = "layout.json"  # in a tag: the data-parallel size and ZeRO stage it was saved with
+UNIVERSAL = "universal"  # in the checkpoint dir: tags converted for another layout
 STOPPED_MARKER = "stopped_on_signal"  # in the run dir: checkpointed on a stop signal, requeue me
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What to load: `engine.load_checkpoint(load_dir, tag)`, universal or native."""
+
+    load_dir: Path
+    tag: str
+    universal: bool
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -68,7 +86,8 @@ def problem_with(tag_dir: Path) -> str | None:
     return None
 
 
-def _publish(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+def _publish(ckpt_dir: Path, tag: str, keep_last: int, layout: dict[str, int]) -> None:
+    (ckpt_dir / tag / LAYOUT).write_text(json.dumps(layout))
     _write_manifest(ckpt_dir / tag)
     tmp = ckpt_dir / f".{LATEST}.tmp"
     tmp.write_text(tag + "\n")
@@ -77,6 +96,7 @@ def _publish(ckpt_dir: Path, tag: str, keep_last: int) -> None:
     for old in tags[:-keep_last]:
         if old != tag:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            shutil.rmtree(ckpt_dir / UNIVERSAL / old, ignore_errors=True)
 
 
 def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int) -> str:
@@ -88,13 +108,14 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        _publish(ckpt_dir, tag, keep_last)
+        _publish(ckpt_dir, tag, keep_last, {"dp_world_size": engine.dp_world_size,
+                                            "zero_stage": engine.zero_optimization_stage()})
     dist.barrier()
     return tag
 
 
-def resume(engine: Any, run_dir: Path) -> dict[str, Any] | None:
-    """Load the newest intact checkpoint into the engine (every rank); return its client state, or None."""
+def find_resume(run_dir: Path, dp_size: int, zero_stage: int) -> ResumePoint | None:
+    """The newest intact checkpoint of the run and how to load it at this layout, or None."""
     ckpt_dir = checkpoint_dir(run_dir)
     newest = latest_tag(ckpt_dir)
     if newest is None:
@@ -105,14 +126,46 @@ def resume(engine: Any, run_dir: Path) -> dict[str, Any] | None:
     for tag in candidates:
         problem = problem_with(ckpt_dir / tag)
         if problem is None:
-            path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-            if path is None:
-                raise RuntimeError(f"checkpoint {ckpt_dir / tag} could not be loaded")
-            return client_state
+            saved = json.loads((ckpt_dir / tag / LAYOUT).read_text())
+            if (saved["dp_world_size"], saved["zero_stage"]) == (dp_size, zero_stage):
+                return ResumePoint(ckpt_dir, tag, universal=False)
+            if 0 in (saved["zero_stage"], zero_stage):
+                if saved["zero_stage"] == zero_stage:  # no partitions: loads at any size as it is
+                    return ResumePoint(ckpt_dir, tag, universal=False)
+                raise RuntimeError(f"checkpoint {ckpt_dir / tag} was saved with ZeRO stage {saved['zero_stage']}; "
+                                   f"resume it with parallel.zero_stage={saved['zero_stage']} (got {zero_stage})")
+            return ResumePoint(ckpt_dir / UNIVERSAL, tag, universal=True)
         if dist.get_rank() == 0:
             warnings.warn(f"checkpoint {ckpt_dir / tag} is incomplete ({problem}); trying the one before it",
                           stacklevel=2)
     raise RuntimeError(f"no intact checkpoint in {ckpt_dir}; move it away to start over")
+
+
+def prepare(point: ResumePoint) -> None:
+    """Convert `point` to universal form once (rank 0) if it needs it; every rank calls this."""
+    target = point.load_dir / point.tag
+    if point.universal and dist.get_rank() == 0 and not (target / MANIFEST).is_file():
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = point.load_dir / f".{point.tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        print(f"converting checkpoint {point.tag} to universal form for the new layout", flush=True)
+        ds_to_universal.main(SimpleNamespace(
+            input_folder=str(point.load_dir.parent / point.tag), output_folder=str(tmp), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+        _write_manifest(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    dist.barrier()
+
+
+def resume(engine: Any, point: ResumePoint) -> dict[str, Any]:
+    """Load `point` into the engine (every rank); return its client state."""
+    path, client_state = engine.load_checkpoint(str(point.load_dir), tag=point.tag)
+    if path is None:
+        raise RuntimeError(f"checkpoint {point.load_dir / point.tag} could not be loaded")
+    return client_state
 
 
 class StopSignal:

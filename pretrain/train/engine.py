@@ -3,7 +3,8 @@
 1. the objective builds the model (a timm Swin, or SimMIM around one), with identical
    initial weights on every rank;
 2. optional initial weights from an export (`run.init_from`);
-3. activation checkpointing, then the speed switches (attention kernel, compile);
+3. activation checkpointing and sequential attention (memory), then the speed switches
+   (attention kernel, compile);
 4. AdamW parameter groups, the LR schedule, and DeepSpeed ZeRO from our config.
 """
 
@@ -18,7 +19,9 @@ from pretrain.config import Config
 from pretrain.models.backbones import load_backbone_weights
 from pretrain.models.objectives import build_objective
 from pretrain.models.speed import apply_speedups
+from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
 from pretrain.parallel.deepspeed_config import deepspeed_config
+from pretrain.parallel.sequential_attention import apply_sequential_attention
 from pretrain.parallel.topology import Topology
 from pretrain.train.optim import WarmupCosine, build_optimizer, build_schedule, param_groups
 
@@ -32,7 +35,7 @@ class Training:
     init_message: str = ""
 
 
-def build_training(cfg: Config, topo: Topology, num_classes: int) -> Training:
+def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal: bool = False) -> Training:
     import deepspeed
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -42,12 +45,12 @@ def build_training(cfg: Config, topo: Topology, num_classes: int) -> Training:
     if cfg.run.init_from:
         loaded = load_backbone_weights(getattr(model, "encoder", model), cfg.run.init_from)
         message = f"initialized {loaded} backbone tensors from {cfg.run.init_from}"
-    if cfg.parallel.activation_checkpointing == "blocks":
-        model.set_grad_checkpointing(True)
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every_k)
+    apply_sequential_attention(model, cfg.parallel.sequential_attention, cfg.parallel.attention_chunk_windows)
     apply_speedups(model, cfg.speed.sdpa_attention, cfg.speed.compile)
     groups, group_names = param_groups(model, cfg.optim.weight_decay)
     schedule = build_schedule(cfg)
     optimizer = build_optimizer(cfg, groups, schedule.peak)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, topo))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, topo, load_universal))
     torch.manual_seed(cfg.run.seed * 1000 + topo.rank)  # per-rank stochastic depth, Mixup, ...
     return Training(engine, objective, schedule, group_names, message)

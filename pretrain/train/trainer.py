@@ -107,12 +107,8 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
 
-    def resume(self) -> None:
-        if not self.cfg.run.auto_resume:
-            return
-        saved = checkpoint.resume(self.engine, self.cfg.run_dir)
-        if saved is None:
-            return
+    def resume(self, point: checkpoint.ResumePoint) -> None:
+        saved = checkpoint.resume(self.engine, point)
         self.state = TrainState(saved["step"], saved["samples_seen"], saved.get("skipped_samples", 0),
                                 saved.get("skipped_steps", 0))
         self.metrics.print(f"resumed from step {self.state.step} ({self.state.samples_seen} samples seen)")

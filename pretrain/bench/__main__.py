@@ -1,0 +1,109 @@
+"""python -m pretrain.bench {data,step,scaling,memory} ... (see pretrain/bench/__init__.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pretrain.bench.data import bench_data, make_photos
+from pretrain.bench.memory import bench_memory
+from pretrain.bench.step import bench_scaling, bench_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("data", help="decode + augment images/s per worker vs ImageFolder + timm transforms")
+    d.add_argument("--images", type=Path, help="class-per-folder tree of images")
+    d.add_argument("--photos", help="make WIDTHxHEIGHT JPEGs from sklearn's sample photos instead of --images")
+    d.add_argument("--count", type=int, default=200, help="number of --photos to make")
+    d.add_argument("--img-size", type=int, default=224)
+    d.add_argument("--samples", type=int, default=400, help="images per timed run")
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    st = sub.add_parser("step", help="training step images/s and MFU vs stock timm + AdamW + autocast")
+    st.add_argument("--arch", default="swin_b")
+    st.add_argument("--micro-batch", type=int, default=8)
+    st.add_argument("--img-size", type=int, default=0, help="0 = the backbone's default")
+    st.add_argument("--window-size", type=int, default=0, help="0 = the backbone's default")
+    st.add_argument("--warmup", type=int, default=2)
+    st.add_argument("--steps", type=int, default=5)
+    st.add_argument("--sdpa", action="store_true", help="attention through scaled_dot_product_attention")
+    st.add_argument("--compile", action="store_true", help="torch.compile every Swin block")
+    st.add_argument("--json", action="store_true")
+    sc = sub.add_parser("scaling", help="step time per image vs image size")
+    sc.add_argument("--arch", default="swin_b")
+    sc.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 512])
+    sc.add_argument("--micro-batch", type=int, default=4)
+    sc.add_argument("--warmup", type=int, default=1)
+    sc.add_argument("--steps", type=int, default=3)
+    sc.add_argument("--json", action="store_true")
+    me = sub.add_parser("memory", help="peak activation memory and step time with and without checkpointing")
+    me.add_argument("--arch", default="swin_b")
+    me.add_argument("--micro-batch", type=int, default=8)
+    me.add_argument("--img-size", type=int, default=0, help="0 = the backbone's default")
+    me.add_argument("--steps", type=int, default=3)
+    me.add_argument("--threads", type=int, default=torch.get_num_threads())
+    me.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.what == "memory":
+        r = bench_memory(args.arch, args.micro_batch, args.img_size, args.steps, args.threads)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(f"{r['arch']} micro-batch {r['micro_batch']}, bf16 weights and activations, forward + backward")
+        for row in r["rows"]:
+            print(f"  {row['mode']:8s} ({row['checkpointed_blocks']:2d} blocks recomputed): activations "
+                  f"{row['activation_mib']:8.1f} MiB  step {row['step_s']:.3f} s  "
+                  f"memory /{row['memory_ratio']:.2f}  time x{row['time_ratio']:.2f}")
+        return 0
+    if args.what == "step":
+        r = bench_step(args.arch, args.micro_batch, args.img_size, args.window_size, args.warmup, args.steps,
+                       args.sdpa, args.compile)
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(f"{r['arch']} {r['img_size']}px micro-batch {r['micro_batch']} on {r['device']}: "
+              f"{r['gflop_per_image']:.1f} GFLOP per trained image, measured bf16 peak {r['peak_tflops']:.2f} TFLOP/s")
+        for name in ("reference", "ours"):
+            x = r[name]
+            print(f"  {name:9s}: {x['images_per_s']:7.2f} images/s  step min/median/max {x['step_s']} s  "
+                  f"{x['tflops']:.3f} TFLOP/s  MFU {100 * x['mfu']:.1f}%")
+        print(f"  ratio ours / reference: {r['ratio']:.2f}x")
+        return 0
+    if args.what == "scaling":
+        rows = bench_scaling(args.arch, args.sizes, args.micro_batch, args.warmup, args.steps)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        for row in rows:
+            print(f"  {row['img_size']}px window {row['window']}: {row['s_per_image']:.3f} s/image  "
+                  f"pixels x{row['pixels_ratio']:.2f}  time x{row['time_ratio']:.2f}")
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        images = args.images
+        if args.photos:
+            width, height = (int(v) for v in args.photos.lower().split("x"))
+            images = make_photos(Path(tmp) / "photos", width, height, args.count)
+        if images is None or not Path(images).is_dir():
+            print("error: give --images DIR (a class-per-folder tree) or --photos WIDTHxHEIGHT", file=sys.stderr)
+            return 2
+        r = bench_data(Path(images), args.img_size, args.samples, args.repeats)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"data loader, one worker, {r['img_size']}px training augmentation, {r['samples']} images per run")
+        print(f"  ours (shards, draft decode, batch normalize): {r['ours_images_per_s']} images/s")
+        print(f"  ImageFolder + timm create_transform:          {r['baseline_images_per_s']} images/s")
+        print(f"  ratio (median): {r['ratio_median']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

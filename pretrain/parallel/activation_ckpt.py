@@ -1,0 +1,51 @@
+"""Which Swin blocks recompute their activations in the backward pass.
+
+A checkpointed block keeps only its input during the forward pass and runs again inside
+the backward pass to rebuild what its gradients need. The block's `forward` is wrapped on
+the instance, so module names and the state-dict layout stay exactly timm's.
+
+Modes (`parallel.activation_checkpointing`):
+- `none`: keep everything (fastest, most memory).
+- `blocks`: every Swin block recomputes (least memory, about one extra forward).
+- `every_k`: every k-th block recomputes (`parallel.checkpoint_every_k`), a point in between.
+
+torch's non-reentrant checkpoint is used because it gives correct gradients when the block
+input does not require grad (a frozen stem) and with ZeRO-3's parameter hooks, and it
+restores the RNG state so drop-path draws the same masks when the block runs again.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+SWIN_BLOCKS = ("SwinTransformerBlock", "SwinTransformerV2Block")
+
+
+def swin_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every Swin block of `model` (a timm Swin or a module holding one), in forward order."""
+    return [m for m in model.modules() if type(m).__name__ in SWIN_BLOCKS]
+
+
+def _recomputed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    @functools.wraps(forward)
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # eval: nothing to save, nothing to recompute
+            return forward(x)
+        return checkpoint(forward, x, use_reentrant=False)
+
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 1) -> list[int]:
+    """Make the chosen blocks of `model` recompute in backward; returns their indices."""
+    blocks = swin_blocks(model)
+    step = {"none": 0, "blocks": 1, "every_k": every_k}[mode]
+    chosen = list(range(0, len(blocks), step)) if step else []
+    for i in chosen:
+        blocks[i].forward = _recomputed(blocks[i].forward)
+    return chosen

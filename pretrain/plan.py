@@ -1,0 +1,251 @@
+"""Memory planner: what one rank holds for a config on N GPUs, and whether it fits.
+
+    python -m pretrain.plan --config configs/swinv2_g_simmim_22k.yaml --gpus 64 --gpu-mem-gb 80
+    python -m pretrain.plan --config configs/swin_l_22k.yaml --gpus 16 --gpu-mem-gb 40 --set model.img_size=384
+
+Per rank, with P parameters and D data-parallel ranks (DeepSpeed's mixed-precision layout):
+- weights: 2P bytes in bf16/fp16 (4P in fp32); ZeRO-3 keeps P/D of them;
+- gradients: 2P low-precision (ZeRO-2/3: /D), plus the fp32 gradients of the rank's
+  optimizer partition, 4P/D (4P without ZeRO);
+- optimizer: fp32 master weights and AdamW's two moments, 12P (ZeRO-1/2/3: /D; none on the
+  device with `parallel.offload_optimizer`);
+- activations: not a formula. The model (with its checkpointing and sequential attention)
+  runs one forward pass on the meta device, which allocates nothing, while autograd's
+  saved-tensor hook adds up what the backward pass will need; a checkpointed block also
+  needs its own activations once while it is recomputed, and the backward pass holds
+  gradients of about twice the largest activation. This is exact for the saved tensors and
+  checked against memory measured on CPU in the tests.
+- reserve: 10% of the device for the CUDA context, allocator fragmentation and
+  communication buffers.
+
+When the configured layout does not fit, the cheapest one that does is suggested, trying
+in order of cost: more ZeRO (1, 2, 3), then activation checkpointing (every 2nd block,
+every block), then a smaller micro-batch (more accumulation), then optimizer offload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain.config import Config, ConfigError, load_config
+
+GB = 1e9
+RESERVE = 0.10
+IN22K_CLASSES = 21841
+
+
+@dataclass
+class Estimate:
+    """Bytes one rank holds during a training step."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    parameters: int
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def _build(cfg: Config, num_classes: int, checkpointing: bool = True) -> torch.nn.Module:
+    """The training module on the meta device, with the config's memory options applied."""
+    from pretrain.models.objectives import build_objective
+    from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
+    from pretrain.parallel.sequential_attention import apply_sequential_attention
+
+    with torch.device("meta"):
+        model = build_objective(cfg, num_classes).build_model()
+    p = cfg.parallel
+    if checkpointing:
+        apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k)
+    apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    return model.to(dtype).train()
+
+
+def _trace(model: torch.nn.Module, cfg: Config, micro: int) -> tuple[int, int, list[int], int]:
+    """One forward on the meta device, counting what autograd saves for the backward pass.
+
+    Returns (bytes saved in all, bytes saved before the first Swin block, bytes saved by
+    each Swin block, largest single saved buffer).
+    """
+    from pretrain.parallel.activation_ckpt import swin_blocks
+
+    encoder = getattr(model, "encoder", model)
+    img = encoder.patch_embed.img_size[0]
+    dtype = next(model.parameters()).dtype
+    inputs = [torch.empty(micro, 3, img, img, device="meta", dtype=dtype)]
+    if cfg.objective.kind == "simmim":
+        grid = img // encoder.patch_embed.patch_size[0]
+        inputs.append(torch.zeros(micro, grid, grid, device="meta", dtype=torch.uint8))
+
+    # Count storages, not tensors: views of one buffer saved by several ops cost it once, and
+    # weights saved for the backward pass are the parameters themselves, counted elsewhere.
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+    largest = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal largest
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+            largest = max(largest, storage.nbytes())
+        return t
+
+    marks: list[int] = []  # saved bytes at the start and end of every block
+    hooks = []
+    for block in swin_blocks(model):
+        hooks.append(block.register_forward_pre_hook(lambda *_: marks.append(sum(saved.values()))))
+        hooks.append(block.register_forward_hook(lambda *_: marks.append(sum(saved.values()))))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(*inputs)
+    for hook in hooks:
+        hook.remove()
+    per_block = [end - start for start, end in zip(marks[::2], marks[1::2])]
+    return sum(saved.values()), marks[0], per_block, largest
+
+
+def activation_bytes(cfg: Config, num_classes: int, micro: int) -> float:
+    """Peak activation memory of one micro-batch in a training step.
+
+    The backward pass frees the blocks after the one it is in, so the peak is the larger of
+    everything saved (when backward starts) and, for every block, what the blocks before it
+    keep plus all of its own activations (rebuilt if it is checkpointed); the gradients in
+    flight add about one largest activation.
+    """
+    total, before, kept, _ = _trace(_build(cfg, num_classes), cfg, micro)
+    _, _, full, largest = _trace(_build(cfg, num_classes, checkpointing=False), cfg, micro)
+    peak, prefix = total, before
+    for kept_i, full_i in zip(kept, full):
+        peak = max(peak, prefix + full_i)
+        prefix += kept_i
+    return peak + largest
+
+
+def estimate(cfg: Config, num_classes: int, gpus: int) -> Estimate:
+    """Per-rank memory of `cfg` trained with pure data parallelism over `gpus` ranks."""
+    from pretrain.models.objectives import build_objective
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_objective(cfg, num_classes).build_model().parameters())
+    stage, dp = cfg.parallel.zero_stage, gpus
+    low = 4 if cfg.precision == "fp32" else 2
+    weights = low * params / (dp if stage == 3 else 1)
+    gradients = low * params / (dp if stage >= 2 else 1)
+    if cfg.precision != "fp32":  # fp32 gradients of the optimizer's partition
+        gradients += 4 * params / (dp if stage >= 1 else 1)
+    optimizer = 0.0 if cfg.parallel.offload_optimizer else 12 * params / (dp if stage >= 1 else 1)
+    if cfg.precision == "fp32":
+        optimizer = 0.0 if cfg.parallel.offload_optimizer else 8 * params / (dp if stage >= 1 else 1)
+    return Estimate(weights, gradients, optimizer, activation_bytes(cfg, num_classes, cfg.batch.micro_batch), params)
+
+
+def fits(e: Estimate, gpu_mem_gb: float) -> bool:
+    return e.total <= (1 - RESERVE) * gpu_mem_gb * GB
+
+
+def candidates(cfg: Config, gpus: int):
+    """Layouts in order of cost, each a (description, config) with the same global batch."""
+    micro = cfg.batch.micro_batch
+    micros = [m for m in (micro, micro // 2, micro // 4, micro // 8, 1) if m >= 1]
+    for offload in (False, True):
+        for m in dict.fromkeys(micros):
+            for ckpt in (("none", 1), ("every_k", 2), ("blocks", 1)):
+                for stage in (1, 2, 3):
+                    c = copy.deepcopy(cfg)
+                    c.parallel.zero_stage, c.parallel.offload_optimizer = stage, offload
+                    c.parallel.activation_checkpointing, c.parallel.checkpoint_every_k = ckpt
+                    c.batch.micro_batch = m
+                    if c.batch.global_batch % (m * gpus):
+                        continue
+                    yield c
+
+
+def describe(cfg: Config) -> str:
+    p = cfg.parallel
+    ckpt = {"none": "no checkpointing", "blocks": "checkpointing every block",
+            "every_k": f"checkpointing every {p.checkpoint_every_k}th block"}[p.activation_checkpointing]
+    return (f"ZeRO-{p.zero_stage}{' + optimizer offload' if p.offload_optimizer else ''}, {ckpt}, "
+            f"micro-batch {cfg.batch.micro_batch}")
+
+
+def settings(cfg: Config) -> str:
+    p = cfg.parallel
+    sets = [f"parallel.zero_stage={p.zero_stage}", f"parallel.activation_checkpointing={p.activation_checkpointing}",
+            f"batch.micro_batch={cfg.batch.micro_batch}"]
+    if p.activation_checkpointing == "every_k":
+        sets.append(f"parallel.checkpoint_every_k={p.checkpoint_every_k}")
+    if p.offload_optimizer:
+        sets.append("parallel.offload_optimizer=true")
+    return " ".join(f"--set {s}" for s in sets)
+
+
+def num_classes_of(cfg: Config) -> int:
+    if cfg.objective.num_classes:
+        return cfg.objective.num_classes
+    info = Path(cfg.data.root) / "dataset.json"
+    if info.is_file():
+        return len(json.loads(info.read_text())["classes"])
+    return IN22K_CLASSES
+
+
+def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
+    """The printed plan and whether the configured layout fits."""
+    classes = num_classes_of(cfg)
+    e = estimate(cfg, classes, gpus)
+    ok = fits(e, gpu_mem_gb)
+    lines = [
+        f"{cfg.model.arch} ({e.parameters / 1e6:,.1f}M parameters), {cfg.objective.kind}, {cfg.precision}, "
+        f"{gpus} data-parallel ranks, {describe(cfg)}",
+        "per rank:",
+        f"  weights      {e.weights / GB:8.2f} GB",
+        f"  gradients    {e.gradients / GB:8.2f} GB",
+        f"  optimizer    {e.optimizer / GB:8.2f} GB",
+        f"  activations  {e.activations / GB:8.2f} GB",
+        f"  total        {e.total / GB:8.2f} GB of {gpu_mem_gb:g} GB ({100 * RESERVE:.0f}% kept free): "
+        + ("fits" if ok else "does NOT fit"),
+    ]
+    if not ok:
+        for c in candidates(cfg, gpus):
+            alt = estimate(c, classes, gpus)
+            if fits(alt, gpu_mem_gb):
+                lines.append(f"cheapest layout that fits: {describe(c)} ({alt.total / GB:.2f} GB)")
+                lines.append(f"  {settings(c)}")
+                break
+        else:
+            lines.append("no data-parallel layout fits: use more or larger GPUs, or a smaller model or image size")
+    return "\n".join(lines), ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--gpus", type=int, required=True, help="total number of GPUs (data-parallel ranks)")
+    ap.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GB")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, check=False)
+        from pretrain.validation import validate
+
+        validate(cfg, world_size=args.gpus, check_data=False)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    text, ok = report(cfg, args.gpus, args.gpu_mem_gb)
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
