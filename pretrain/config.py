@@ -116,6 +116,8 @@ class ScheduleConfig:
 class ParallelConfig:
     zero_stage: int = field(2, "DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3.")
     offload_optimizer: bool = field(False, "Keep optimizer state in CPU memory (ZeRO 1-3).")
+    bucket_size: int = field(50_000_000, "Elements per ZeRO gradient-reduction and all-gather bucket; larger "
+                                          "overlaps communication better and holds 2 bytes per element (bf16).")
     activation_checkpointing: Literal["none", "blocks", "every_k"] = field(
         "none", "Recompute activations in the backward pass: none, every Swin block, or every k-th block.")
     checkpoint_every_k: int = field(2, "With activation_checkpointing=every_k: recompute blocks 0, k, 2k, ...")

@@ -5,16 +5,18 @@
 
 Per rank, with P parameters and D data-parallel ranks (DeepSpeed's mixed-precision layout):
 - weights: 2P bytes in bf16/fp16 (4P in fp32); ZeRO-3 keeps P/D of them;
-- gradients: 2P low-precision (ZeRO-2/3: /D), plus the fp32 gradients of the rank's
-  optimizer partition, 4P/D (4P without ZeRO);
+- gradients: with ZeRO, the fp32 gradients of the rank's optimizer partition, 4P/D, plus
+  for ZeRO-1 the whole low-precision gradients, 2P (ZeRO-2/3 pass them through the bucket
+  below); without ZeRO, 2P plus an fp32 copy 4P;
 - optimizer: fp32 master weights and AdamW's two moments, 12P (ZeRO-1/2/3: /D; none on the
   device with `parallel.offload_optimizer`);
+- buckets: ZeRO's gradient-reduction bucket, `parallel.bucket_size` elements (ZeRO 1-3);
 - activations: not a formula. The model (with its checkpointing and sequential attention)
   runs one forward pass on the meta device, which allocates nothing, while autograd's
   saved-tensor hook adds up what the backward pass will need; a checkpointed block also
-  needs its own activations once while it is recomputed, and the backward pass holds
-  gradients of about twice the largest activation. This is exact for the saved tensors and
-  checked against memory measured on CPU in the tests.
+  needs all of its activations again while it is recomputed, when the blocks after it are
+  already freed, and the gradients in flight add about one largest activation. The saved
+  tensors are exact; the peak is checked against memory measured on CPU in the tests.
 - reserve: 10% of the device for the CUDA context, allocator fragmentation and
   communication buffers.
 
@@ -48,12 +50,13 @@ class Estimate:
     weights: float
     gradients: float
     optimizer: float
+    buckets: float
     activations: float
     parameters: int
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.buckets + self.activations
 
 
 def _build(cfg: Config, num_classes: int, checkpointing: bool = True) -> torch.nn.Module:
@@ -141,13 +144,18 @@ def estimate(cfg: Config, num_classes: int, gpus: int) -> Estimate:
     stage, dp = cfg.parallel.zero_stage, gpus
     low = 4 if cfg.precision == "fp32" else 2
     weights = low * params / (dp if stage == 3 else 1)
-    gradients = low * params / (dp if stage >= 2 else 1)
-    if cfg.precision != "fp32":  # fp32 gradients of the optimizer's partition
-        gradients += 4 * params / (dp if stage >= 1 else 1)
+    if stage == 0:  # whole gradients, plus their fp32 copy under mixed precision
+        gradients = low * params + (4 * params if cfg.precision != "fp32" else 0)
+    else:  # ZeRO reduces gradients through the bucket into the fp32 gradients of the rank's partition
+        gradients = 4 * params / dp
+        if stage == 1:  # ZeRO-1 keeps whole low-precision gradients until the accumulation boundary
+            gradients += low * params
     optimizer = 0.0 if cfg.parallel.offload_optimizer else 12 * params / (dp if stage >= 1 else 1)
     if cfg.precision == "fp32":
         optimizer = 0.0 if cfg.parallel.offload_optimizer else 8 * params / (dp if stage >= 1 else 1)
-    return Estimate(weights, gradients, optimizer, activation_bytes(cfg, num_classes, cfg.batch.micro_batch), params)
+    buckets = low * cfg.parallel.bucket_size if stage >= 1 else 0.0
+    return Estimate(weights, gradients, optimizer, buckets, activation_bytes(cfg, num_classes, cfg.batch.micro_batch),
+                    params)
 
 
 def fits(e: Estimate, gpu_mem_gb: float) -> bool:
@@ -174,7 +182,7 @@ def candidates(cfg: Config, gpus: int):
 def describe(cfg: Config) -> str:
     p = cfg.parallel
     ckpt = {"none": "no checkpointing", "blocks": "checkpointing every block",
-            "every_k": f"checkpointing every {p.checkpoint_every_k}th block"}[p.activation_checkpointing]
+            "every_k": f"checkpointing one block in {p.checkpoint_every_k}"}[p.activation_checkpointing]
     return (f"ZeRO-{p.zero_stage}{' + optimizer offload' if p.offload_optimizer else ''}, {ckpt}, "
             f"micro-batch {cfg.batch.micro_batch}")
 
@@ -206,11 +214,12 @@ def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
     ok = fits(e, gpu_mem_gb)
     lines = [
         f"{cfg.model.arch} ({e.parameters / 1e6:,.1f}M parameters), {cfg.objective.kind}, {cfg.precision}, "
-        f"{gpus} data-parallel ranks, {describe(cfg)}",
+        f"{gpus} data-parallel rank{'s' if gpus > 1 else ''}, {describe(cfg)}",
         "per rank:",
         f"  weights      {e.weights / GB:8.2f} GB",
         f"  gradients    {e.gradients / GB:8.2f} GB",
         f"  optimizer    {e.optimizer / GB:8.2f} GB",
+        f"  buckets      {e.buckets / GB:8.2f} GB",
         f"  activations  {e.activations / GB:8.2f} GB",
         f"  total        {e.total / GB:8.2f} GB of {gpu_mem_gb:g} GB ({100 * RESERVE:.0f}% kept free): "
         + ("fits" if ok else "does NOT fit"),
@@ -227,12 +236,72 @@ def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def measure_step(cfg: Config, num_classes: int) -> float:
+    """Peak bytes of one training step of the real engine in this process (one rank).
+
+    Everything the run allocates (engine, weights, optimizer) up to the end of a first step,
+    plus the most a second step adds on top: the figure `estimate(cfg, classes, 1).total`
+    predicts. GPU: CUDA's allocator; CPU: the profiler's allocation records.
+    """
+    import os
+    import socket
+
+    from pretrain.bench.memory import _peak_allocated
+    from pretrain.data.shards import Batch
+    from pretrain.parallel.topology import discover, init_distributed, on_gpu
+    from pretrain.train.engine import build_training
+
+    with socket.socket() as s:  # a free port for this one-process group
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", port)):
+        os.environ.setdefault(key, value)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    topo = discover()
+    init_distributed(topo)
+    device = "cuda" if on_gpu() else "cpu"
+    cfg.batch.global_batch = cfg.batch.micro_batch
+
+    def first_step() -> None:
+        training = build_training(cfg, topo, num_classes)
+        engine, objective = training.engine, training.objective
+        encoder = getattr(engine.module, "encoder", engine.module)
+        img, patch = encoder.patch_embed.img_size[0], encoder.patch_embed.patch_size[0]
+        micro = cfg.batch.micro_batch
+        images = torch.randn(micro, 3, img, img, device=engine.device)
+        masks = torch.randint(0, 2, (micro, img // patch, img // patch), dtype=torch.uint8)
+        batch = Batch(images, torch.randint(0, max(num_classes, 1), (micro,)), 0, masks)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+
+        def step() -> None:
+            inputs, targets = objective.prepare(images, batch, training=True)
+            loss = objective.loss(engine(inputs[0].to(dtype), *inputs[1:]), targets)
+            engine.backward(loss)
+            engine.step()
+
+        step()
+        measured.append(step)
+
+    measured: list = []
+    if device == "cuda":
+        first_step()
+        return torch.cuda.memory_allocated() + _peak_allocated(measured[0], device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        first_step()
+    held = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return held + _peak_allocated(measured[0], device)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--gpus", type=int, required=True, help="total number of GPUs (data-parallel ranks)")
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GB")
+    ap.add_argument("--measure", action="store_true",
+                    help="also run one training step of the config here (one rank) and compare with the plan")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, check=False)
@@ -244,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text, ok = report(cfg, args.gpus, args.gpu_mem_gb)
     print(text)
+    if args.measure:
+        classes = num_classes_of(cfg)
+        planned = estimate(cfg, classes, 1).total
+        measured = measure_step(cfg, classes)
+        print(f"one rank here: planned {planned / GB:.3f} GB, measured {measured / GB:.3f} GB "
+              f"(plan / measured {planned / measured:.2f})")
     return 0 if ok else 1
 
 

@@ -129,6 +129,7 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(not (z.offload_optimizer and z.zero_stage == 0),
          "parallel.offload_optimizer=true needs parallel.zero_stage 1, 2 or 3 (got 0)")
     need(z.checkpoint_every_k >= 1, f"parallel.checkpoint_every_k={z.checkpoint_every_k} must be >= 1")
+    need(z.bucket_size >= 1_000_000, f"parallel.bucket_size={z.bucket_size} must be >= 1000000")
     need(z.attention_chunk_windows >= 1,
          f"parallel.attention_chunk_windows={z.attention_chunk_windows} must be >= 1")
     stages = len(BACKBONES[cfg.model.arch].depths)

@@ -15,7 +15,10 @@ def accumulation_steps(cfg: Config, topo: Topology) -> int:
 
 def deepspeed_config(cfg: Config, topo: Topology, load_universal: bool = False) -> dict[str, Any]:
     """`load_universal`: the checkpoint to resume was converted for another layout."""
-    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    # DeepSpeed's default buckets (5e8 elements) hold about 1 GB per rank at bf16 whatever the
+    # model size; ours are a config value that the memory planner accounts for.
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": cfg.parallel.bucket_size,
+                            "allgather_bucket_size": cfg.parallel.bucket_size}
     if cfg.parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     ds: dict[str, Any] = {

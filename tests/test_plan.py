@@ -1,0 +1,69 @@
+"""The memory planner agrees with memory measured on CPU and suggests layouts that fit."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+
+from pretrain.bench.memory import measure
+from pretrain.config import Config
+from pretrain.plan import activation_bytes
+from tests.conftest import run
+
+
+@pytest.mark.parametrize("arch,micro", [("swin_debug", 32), ("swin_t", 2)])
+@pytest.mark.parametrize("mode", ["none", "every_k", "blocks"])
+def test_activation_estimate_matches_measured_peak(arch, micro, mode):
+    cfg = Config()
+    cfg.model.arch, cfg.model.drop_path = arch, 0.0
+    cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every_k = mode, 2
+    planned = activation_bytes(cfg, 1000, micro) / 2**20
+    measured = measure(arch, micro, 0, mode, 2, steps=1, threads=2)["activation_mib"]
+    assert planned == pytest.approx(measured, rel=0.25)
+
+
+def plan(*args: str, check: bool = True):
+    return run([sys.executable, "-m", "pretrain.plan", *args], check=check)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,sets", [
+    ("configs/demo.yaml", ["parallel.zero_stage=1"]),
+    ("configs/demo.yaml", ["parallel.zero_stage=3", "parallel.activation_checkpointing=blocks"]),
+    ("configs/demo_simmim.yaml", ["model.img_size=192", "model.window_size=6"]),
+])
+def test_plan_matches_a_real_training_step(config, sets):
+    """The whole per-rank figure against the DeepSpeed engine's own step on this machine."""
+    common = ["model.arch=swin_t", "model.drop_path=0", "batch.micro_batch=2", "batch.global_batch=2", *sets]
+    out = plan("--config", config, "--gpus", "1", "--gpu-mem-gb", "80", "--measure",
+               *[a for s in common for a in ("--set", s)]).stdout
+    ratio = float(re.search(r"plan / measured ([0-9.]+)", out).group(1))
+    assert 0.75 <= ratio <= 1.25, out
+
+
+def test_a_layout_that_does_not_fit_gets_one_that_does():
+    args = ["--config", "configs/swin_b_22k.yaml", "--gpus", "16", "--gpu-mem-gb", "12"]
+    first = plan(*args, check=False)
+    assert first.returncode == 1 and "does NOT fit" in first.stdout, first.stdout
+    suggestion = re.search(r"cheapest layout that fits: .*\n  (--set .*)", first.stdout)
+    assert suggestion, first.stdout
+    second = plan(*args, *suggestion.group(1).split())
+    assert "fits" in second.stdout and "NOT" not in second.stdout
+
+
+@pytest.mark.parametrize("config,gpus,arch", [("configs/swinv2_g_simmim_22k.yaml", 64, "swinv2_g"),
+                                              ("configs/swin_l_22k.yaml", 32, "swin_l")])
+def test_shipped_recipes_fit_on_their_nodes_of_8x80gb(config, gpus, arch):
+    """The layouts the recipes name, on the node counts of their Slurm scripts."""
+    out = plan("--config", config, "--gpus", str(gpus), "--gpu-mem-gb", "80").stdout
+    assert out.startswith(f"{arch} (") and ": fits" in out, out
+
+
+def test_plan_reports_config_errors_in_one_line():
+    proc = plan("--config", "configs/demo.yaml", "--gpus", "3", "--gpu-mem-gb", "80", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "config error: batch.global_batch=64 must be a multiple of batch.micro_batch x data-parallel ranks "
+        "= 32 x 3 = 96"]
