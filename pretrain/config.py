@@ -104,6 +104,8 @@ class OptimConfig:
     betas: list[float] = field([0.9, 0.999], "AdamW betas.")
     eps: float = field(1e-8, "AdamW epsilon.")
     clip_grad: float = field(5.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+    frozen: list[str] = field([], "Backbone parameter-name prefixes kept fixed: [patch_embed] freezes the stem, "
+                                   "[patch_embed, layers, norm] trains only the head (linear probe).")
 
 
 @dataclass

@@ -39,7 +39,7 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     `check_data=False` skips what needs the shards (dataset.json, shard counts), for planning
     a run on a machine that does not hold the data.
     """
-    from pretrain.models.backbones import BACKBONES, resolve_geometry
+    from pretrain.models.backbones import BACKBONES, build_backbone, resolve_geometry
 
     world = launch_world_size() if world_size is None else world_size
 
@@ -118,6 +118,21 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(len(p.betas) == 2 and all(0 <= x < 1 for x in p.betas), f"optim.betas={p.betas} must be two numbers in [0, 1)")
     need(p.eps > 0, f"optim.eps={p.eps} must be > 0")
     need(p.clip_grad >= 0, f"optim.clip_grad={p.clip_grad} must be >= 0 (0 disables clipping)")
+    if p.frozen:
+        import torch
+
+        from pretrain.train.optim import freeze
+
+        with torch.device("meta"):  # names only: no memory, any size
+            backbone = build_backbone(cfg.model.arch, 1, cfg.model.img_size, cfg.model.window_size)
+        names = [n for n, _ in backbone.named_parameters()]
+        for prefix in p.frozen:
+            need(any(n == prefix or n.startswith(prefix + ".") for n in names),
+                 f"optim.frozen: {prefix!r} names no parameter of {cfg.model.arch} (top-level names: "
+                 f"{', '.join(dict.fromkeys(n.split('.')[0] for n in names))})")
+        freeze(backbone, p.frozen)
+        need(any(q.requires_grad for q in backbone.parameters()) or cfg.objective.kind == "simmim",
+             f"optim.frozen={p.frozen} leaves nothing to train")
 
     s = cfg.schedule
     need(s.total_steps >= 1, f"schedule.total_steps={s.total_steps} must be >= 1")

@@ -202,3 +202,25 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(tmp_path, shards, stage):
     assert sorted(losses)[-4:] == [9, 10, 11, 12] and all(math.isfinite(v) for v in losses.values())
     assert json.loads((run_dir / "checkpoints" / "step00000012" / "layout.json").read_text()) == {
         "dp_world_size": 1, "zero_stage": stage}
+
+
+def test_memory_options_and_a_frozen_stem_under_zero3(tmp_path, shards):
+    """Checkpointing and sequential attention change nothing in a real 2-rank ZeRO-3 run, and a
+    frozen stem stays exactly as initialized while the rest trains."""
+    common = ("parallel.zero_stage=3", "precision=fp32", "optim.frozen=[patch_embed]")
+    plain, memory = tmp_path / "plain", tmp_path / "memory"
+    train(plain, shards, *common)
+    train(memory, shards, *common, "parallel.activation_checkpointing=blocks",
+          "parallel.sequential_attention=[0, 1]", "parallel.attention_chunk_windows=3")
+    reference = train_losses(plain)
+    for step, loss in train_losses(memory).items():
+        assert loss == pytest.approx(reference[step], rel=1e-4), f"step {step}"
+
+    run(["python", "-m", "pretrain.export", "--run", str(memory), "--out", str(memory / "export")])
+    trained = load_file(memory / "export" / "model.safetensors")
+    torch.manual_seed(0)  # run.seed of the demo config: the initial weights every rank starts from
+    initial = build_backbone("swin_debug", 10).state_dict()
+    for name, value in trained.items():
+        if name.startswith("patch_embed."):
+            assert torch.equal(value, initial[name]), name
+    assert not torch.equal(trained["layers.0.blocks.0.mlp.fc1.weight"], initial["layers.0.blocks.0.mlp.fc1.weight"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import timm
@@ -124,3 +125,12 @@ def test_sequential_attention_and_checkpointing_compose():
 def test_memory_options_are_validated(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         validate(load_config("configs/demo.yaml", [override]), world_size=1)
+
+
+@pytest.mark.parametrize("frozen,message", [
+    ("[patch_embd]", "optim.frozen: 'patch_embd' names no parameter of swin_debug (top-level names: patch_embed"),
+    ("[patch_embed, layers, norm, head]", "leaves nothing to train"),
+])
+def test_frozen_prefixes_are_validated(frozen, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(load_config("configs/demo.yaml", [f"optim.frozen={frozen}"]), world_size=1)

@@ -2,7 +2,7 @@
 
 1. the objective builds the model (a timm Swin, or SimMIM around one), with identical
    initial weights on every rank;
-2. optional initial weights from an export (`run.init_from`);
+2. optional initial weights from an export (`run.init_from`), frozen parameters;
 3. activation checkpointing and sequential attention (memory), then the speed switches
    (attention kernel, compile);
 4. AdamW parameter groups, the LR schedule, and DeepSpeed ZeRO from our config.
@@ -23,7 +23,7 @@ from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
 from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.sequential_attention import apply_sequential_attention
 from pretrain.parallel.topology import Topology
-from pretrain.train.optim import WarmupCosine, build_optimizer, build_schedule, param_groups
+from pretrain.train.optim import WarmupCosine, build_optimizer, build_schedule, freeze, param_groups
 
 
 @dataclass
@@ -45,6 +45,7 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     if cfg.run.init_from:
         loaded = load_backbone_weights(getattr(model, "encoder", model), cfg.run.init_from)
         message = f"initialized {loaded} backbone tensors from {cfg.run.init_from}"
+    freeze(getattr(model, "encoder", model), cfg.optim.frozen)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every_k)
     apply_sequential_attention(model, cfg.parallel.sequential_attention, cfg.parallel.attention_chunk_windows)
     apply_speedups(model, cfg.speed.sdpa_attention, cfg.speed.compile)

@@ -21,6 +21,16 @@ LR_REFERENCE_BATCH = 512
 NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "logit_scale", "cpb_mlp")
 
 
+def freeze(backbone: nn.Module, prefixes: list[str]) -> int:
+    """Stop training the backbone parameters whose names start with one of `prefixes`; returns how many."""
+    frozen = 0
+    for name, p in backbone.named_parameters():
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+            p.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[list[str]]]:
     """Two AdamW groups (decay, no decay) and the parameter names of each, in order."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
