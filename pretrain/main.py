@@ -75,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Which checkpoint to continue from decides how DeepSpeed loads it (universal when the
     # layout changed), so it is found, and converted if need be, before the engine exists.
-    resume_point = checkpoint.find_resume(cfg.run_dir, topo.dp_size, cfg.parallel.zero_stage) \
-        if cfg.run.auto_resume else None
+    try:
+        resume_point = checkpoint.find_resume(cfg.run_dir, topo.dp_size, cfg.parallel.zero_stage) \
+            if cfg.run.auto_resume else None
+    except ConfigError as e:
+        if topo.is_main:
+            print(f"config error: {e}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
     if resume_point is not None:
         checkpoint.prepare(resume_point)
     training = build_training(cfg, topo, num_classes, load_universal=bool(resume_point and resume_point.universal))

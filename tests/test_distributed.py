@@ -203,6 +203,14 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(tmp_path, shards, stage):
     assert json.loads((run_dir / "checkpoints" / "step00000012" / "layout.json").read_text()) == {
         "dp_world_size": 1, "zero_stage": stage}
 
+    # ZeRO-0 checkpoints are not partitioned, so there is nothing to convert to or from.
+    proc = train(run_dir, shards, "parallel.zero_stage=0", "batch.global_batch=32", "schedule.total_steps=16",
+                 launcher="python", nproc=1, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"config error: parallel.zero_stage=0: checkpoint {run_dir / 'checkpoints' / 'step00000012'} was saved with "
+        f"ZeRO stage {stage}")
+
 
 def test_memory_options_and_a_frozen_stem_under_zero3(tmp_path, shards):
     """Checkpointing and sequential attention change nothing in a real 2-rank ZeRO-3 run, and a

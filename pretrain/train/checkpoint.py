@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pretrain.config import ConfigError
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
 LAYOUT = "layout.json"  # in a tag: the data-parallel size and ZeRO stage it was saved with
@@ -126,14 +128,16 @@ def find_resume(run_dir: Path, dp_size: int, zero_stage: int) -> ResumePoint | N
     for tag in candidates:
         problem = problem_with(ckpt_dir / tag)
         if problem is None:
-            saved = json.loads((ckpt_dir / tag / LAYOUT).read_text())
+            layout = ckpt_dir / tag / LAYOUT
+            saved = json.loads(layout.read_text()) if layout.is_file() else {  # written before layouts were
+                "dp_world_size": dp_size, "zero_stage": zero_stage}
             if (saved["dp_world_size"], saved["zero_stage"]) == (dp_size, zero_stage):
                 return ResumePoint(ckpt_dir, tag, universal=False)
             if 0 in (saved["zero_stage"], zero_stage):
                 if saved["zero_stage"] == zero_stage:  # no partitions: loads at any size as it is
                     return ResumePoint(ckpt_dir, tag, universal=False)
-                raise RuntimeError(f"checkpoint {ckpt_dir / tag} was saved with ZeRO stage {saved['zero_stage']}; "
-                                   f"resume it with parallel.zero_stage={saved['zero_stage']} (got {zero_stage})")
+                raise ConfigError(f"parallel.zero_stage={zero_stage}: checkpoint {ckpt_dir / tag} was saved with "
+                                  f"ZeRO stage {saved['zero_stage']}; resume with that stage (or run.auto_resume=false)")
             return ResumePoint(ckpt_dir / UNIVERSAL, tag, universal=True)
         if dist.get_rank() == 0:
             warnings.warn(f"checkpoint {ckpt_dir / tag} is incomplete ({problem}); trying the one before it",
@@ -152,8 +156,8 @@ def prepare(point: ResumePoint) -> None:
         tmp.mkdir(parents=True)
         print(f"converting checkpoint {point.tag} to universal form for the new layout", flush=True)
         ds_to_universal.main(SimpleNamespace(
-            input_folder=str(point.load_dir.parent / point.tag), output_folder=str(tmp), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+            input_folder=str(point.load_dir.parent / point.tag), output_folder=str(tmp), num_extract_workers=4,
+            num_merge_workers=2, keep_temp_folder=False, strict=True, inject_missing_state=False))
         _write_manifest(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
