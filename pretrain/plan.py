@@ -150,9 +150,8 @@ def estimate(cfg: Config, num_classes: int, gpus: int) -> Estimate:
         gradients = 4 * params / dp
         if stage == 1:  # ZeRO-1 keeps whole low-precision gradients until the accumulation boundary
             gradients += low * params
-    optimizer = 0.0 if cfg.parallel.offload_optimizer else 12 * params / (dp if stage >= 1 else 1)
-    if cfg.precision == "fp32":
-        optimizer = 0.0 if cfg.parallel.offload_optimizer else 8 * params / (dp if stage >= 1 else 1)
+    per_param = 8 if cfg.precision == "fp32" else 12  # AdamW moments (+ fp32 master weights)
+    optimizer = 0.0 if cfg.parallel.offload_optimizer else per_param * params / (dp if stage >= 1 else 1)
     buckets = low * cfg.parallel.bucket_size if stage >= 1 else 0.0
     return Estimate(weights, gradients, optimizer, buckets, activation_bytes(cfg, num_classes, cfg.batch.micro_batch),
                     params)
@@ -163,7 +162,7 @@ def fits(e: Estimate, gpu_mem_gb: float) -> bool:
 
 
 def candidates(cfg: Config, gpus: int):
-    """Layouts in order of cost, each a (description, config) with the same global batch."""
+    """Configs of other layouts in order of cost, all with the same global batch."""
     micro = cfg.batch.micro_batch
     micros = [m for m in (micro, micro // 2, micro // 4, micro // 8, 1) if m >= 1]
     for offload in (False, True):
@@ -207,6 +206,14 @@ def num_classes_of(cfg: Config) -> int:
     return IN22K_CLASSES
 
 
+def without_checkpointing(cfg: Config, num_classes: int) -> str:
+    if cfg.parallel.activation_checkpointing == "none":
+        return ""
+    plain = copy.deepcopy(cfg)
+    plain.parallel.activation_checkpointing = "none"
+    return f" ({activation_bytes(plain, num_classes, cfg.batch.micro_batch) / GB:.2f} GB without checkpointing)"
+
+
 def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
     """The printed plan and whether the configured layout fits."""
     classes = num_classes_of(cfg)
@@ -220,7 +227,7 @@ def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
         f"  gradients    {e.gradients / GB:8.2f} GB",
         f"  optimizer    {e.optimizer / GB:8.2f} GB",
         f"  buckets      {e.buckets / GB:8.2f} GB",
-        f"  activations  {e.activations / GB:8.2f} GB",
+        f"  activations  {e.activations / GB:8.2f} GB{without_checkpointing(cfg, classes)}",
         f"  total        {e.total / GB:8.2f} GB of {gpu_mem_gb:g} GB ({100 * RESERVE:.0f}% kept free): "
         + ("fits" if ok else "does NOT fit"),
     ]
