@@ -73,22 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = cfg.objective.num_classes or len(dataset["classes"])
     img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
 
-    # Which checkpoint to continue from decides how DeepSpeed loads it (universal when the
-    # layout changed), so it is found, and converted if need be, before the engine exists.
-    try:
-        resume_point = checkpoint.find_resume(cfg.run_dir, topo.dp_size, cfg.parallel.zero_stage) \
-            if cfg.run.auto_resume else None
-    except ConfigError as e:
-        if topo.is_main:
-            print(f"config error: {e}", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
-    if resume_point is not None:
-        checkpoint.prepare(resume_point)
-    training = build_training(cfg, topo, num_classes, load_universal=bool(resume_point and resume_point.universal))
-    if training.init_message and topo.is_main:
-        print(training.init_message, flush=True)
-
     if topo.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, cfg.run_dir / "config.yaml")
@@ -96,6 +80,22 @@ def main(argv: list[str] | None = None) -> int:
         (cfg.run_dir / "dataset.json").write_text(json.dumps(dataset, indent=1))
     dist.barrier()
     metrics = Metrics(cfg.run_dir, rank=topo.rank)
+
+    # Which checkpoint to continue from decides how DeepSpeed loads it (universal when the
+    # layout changed), so it is found, and converted if need be, before the engine exists.
+    try:
+        resume_point = checkpoint.find_resume(cfg.run_dir, topo.dp_size, cfg.parallel.zero_stage) \
+            if cfg.run.auto_resume else None
+    except ConfigError as e:
+        metrics.print(f"config error: {e}", error=True)
+        metrics.close()
+        dist.destroy_process_group()
+        return 2
+    if resume_point is not None:
+        checkpoint.prepare(resume_point)
+    training = build_training(cfg, topo, num_classes, load_universal=bool(resume_point and resume_point.universal))
+    if training.init_message:
+        metrics.print(training.init_message)
     client_state = {
         "arch": cfg.model.arch,
         "num_classes": num_classes,
