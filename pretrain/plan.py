@@ -62,6 +62,7 @@ class Estimate:
 def _build(cfg: Config, num_classes: int, checkpointing: bool = True) -> torch.nn.Module:
     """The training module on the meta device, with the config's memory options applied."""
     from pretrain.models.objectives import build_objective
+    from pretrain.train.trainer import DTYPES
     from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
     from pretrain.parallel.sequential_attention import apply_sequential_attention
 
@@ -71,8 +72,7 @@ def _build(cfg: Config, num_classes: int, checkpointing: bool = True) -> torch.n
     if checkpointing:
         apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k)
     apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    return model.to(dtype).train()
+    return model.to(DTYPES[cfg.precision]).train()
 
 
 def _trace(model: torch.nn.Module, cfg: Config, micro: int) -> tuple[int, int, list[int], int]:
@@ -251,54 +251,22 @@ def measure_step(cfg: Config, num_classes: int) -> float:
     predicts. GPU: CUDA's allocator; CPU: the profiler's allocation records.
     """
     import os
-    import socket
 
-    from pretrain.bench.memory import _peak_allocated
-    from pretrain.data.shards import Batch
-    from pretrain.parallel.topology import discover, init_distributed, on_gpu
-    from pretrain.train.engine import build_training
+    from pretrain.bench.memory import peak_allocated
+    from pretrain.bench.step import training_step
 
-    with socket.socket() as s:  # a free port for this one-process group
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", port)):
-        os.environ.setdefault(key, value)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    topo = discover()
-    init_distributed(topo)
-    device = "cuda" if on_gpu() else "cpu"
     cfg.batch.global_batch = cfg.batch.micro_batch
-
-    def first_step() -> None:
-        training = build_training(cfg, topo, num_classes)
-        engine, objective = training.engine, training.objective
-        encoder = getattr(engine.module, "encoder", engine.module)
-        img, patch = encoder.patch_embed.img_size[0], encoder.patch_embed.patch_size[0]
-        micro = cfg.batch.micro_batch
-        images = torch.randn(micro, 3, img, img, device=engine.device)
-        masks = torch.randint(0, 2, (micro, img // patch, img // patch), dtype=torch.uint8)
-        batch = Batch(images, torch.randint(0, max(num_classes, 1), (micro,)), 0, masks)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-
-        def step() -> None:
-            inputs, targets = objective.prepare(images, batch, training=True)
-            loss = objective.loss(engine(inputs[0].to(dtype), *inputs[1:]), targets)
-            engine.backward(loss)
-            engine.step()
-
+    if torch.cuda.is_available():
+        step = training_step(cfg, num_classes)
         step()
-        measured.append(step)
-
-    measured: list = []
-    if device == "cuda":
-        first_step()
-        return torch.cuda.memory_allocated() + _peak_allocated(measured[0], device)
+        return torch.cuda.memory_allocated() + peak_allocated(step, "cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        first_step()
+        step = training_step(cfg, num_classes)
+        step()
     held = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    return held + _peak_allocated(measured[0], device)
+    return held + peak_allocated(step, "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,13 +121,13 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     if p.frozen:
         import torch
 
-        from pretrain.train.optim import freeze
+        from pretrain.train.optim import freeze, matches
 
         with torch.device("meta"):  # names only: no memory, any size
             backbone = build_backbone(cfg.model.arch, 1, cfg.model.img_size, cfg.model.window_size)
         names = [n for n, _ in backbone.named_parameters()]
         for prefix in p.frozen:
-            need(any(n == prefix or n.startswith(prefix + ".") for n in names),
+            need(any(matches(n, [prefix]) for n in names),
                  f"optim.frozen: {prefix!r} names no parameter of {cfg.model.arch} (top-level names: "
                  f"{', '.join(dict.fromkeys(n.split('.')[0] for n in names))})")
         freeze(backbone, p.frozen)

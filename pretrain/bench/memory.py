@@ -19,7 +19,7 @@ import torch.nn.functional as F
 MODES = (("none", 1), ("every_k", 2), ("blocks", 1))
 
 
-def _peak_allocated(step, device: str) -> int:
+def peak_allocated(step, device: str) -> int:
     """Most bytes the step has allocated at once, beyond what was allocated before it."""
     if device == "cuda":
         torch.cuda.synchronize()
@@ -69,7 +69,7 @@ def measure(arch: str, micro: int, img: int, mode: str, every_k: int, steps: int
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    peak = _peak_allocated(step, device)  # its own step: profiling slows the timed ones
+    peak = peak_allocated(step, device)  # its own step: profiling slows the timed ones
     return {"mode": mode if mode != "every_k" else f"every_{every_k}", "checkpointed_blocks": len(chosen),
             "activation_mib": peak / 2**20, "step_s": statistics.median(times)}
 

@@ -66,35 +66,50 @@ def _reference_step(arch: str, micro: int, img: int, window: int, device: str):
     return step
 
 
-def _engine_step(arch: str, micro: int, img: int, window: int, sdpa: bool, compile_blocks: bool):
-    """This pipeline's engine: DeepSpeed ZeRO-1, bf16 weights, fp32 masters, fused AdamW."""
+def training_step(cfg, num_classes: int):
+    """One training step of this pipeline's engine for `cfg` on a fixed synthetic batch.
+
+    Starts the process group if need be (one process: launch/env.py fills in the variables).
+    Returns the step as a closure; supervised and SimMIM alike.
+    """
     import torch.distributed as dist
 
-    from pretrain.config import Config
     from pretrain.data.shards import Batch
     from pretrain.parallel.topology import discover, init_distributed
     from pretrain.train.engine import build_training
+    from pretrain.train.trainer import DTYPES
+
+    topo = discover()
+    if not dist.is_initialized():
+        init_distributed(topo)
+    training = build_training(cfg, topo, num_classes)
+    engine, objective = training.engine, training.objective
+    encoder = getattr(engine.module, "encoder", engine.module)
+    img, patch = encoder.patch_embed.img_size[0], encoder.patch_embed.patch_size[0]
+    micro = cfg.batch.micro_batch
+    images = torch.randn(micro, 3, img, img, device=engine.device)
+    masks = torch.randint(0, 2, (micro, img // patch, img // patch), dtype=torch.uint8)
+    batch = Batch(images, torch.randint(0, max(num_classes, 1), (micro,)), 0, masks)
+
+    def step():
+        inputs, targets = objective.prepare(images, batch, training=True)
+        loss = objective.loss(engine(inputs[0].to(DTYPES[cfg.precision]), *inputs[1:]), targets)
+        engine.backward(loss)
+        engine.step()
+
+    return step
+
+
+def _engine_step(arch: str, micro: int, img: int, window: int, sdpa: bool, compile_blocks: bool):
+    """This pipeline's engine: DeepSpeed ZeRO-1, bf16 weights, fp32 masters, fused AdamW."""
+    from pretrain.config import Config
 
     cfg = Config()
     cfg.model.arch, cfg.model.img_size, cfg.model.window_size, cfg.model.drop_path = arch, img, window, 0.0
     cfg.batch.micro_batch = cfg.batch.global_batch = micro
     cfg.parallel.zero_stage, cfg.precision = 1, "bf16"
     cfg.speed.sdpa_attention, cfg.speed.compile = sdpa, compile_blocks
-    topo = discover()
-    if not dist.is_initialized():
-        init_distributed(topo)
-    training = build_training(cfg, topo, num_classes=1000)
-    engine, objective = training.engine, training.objective
-    images = torch.randn(micro, 3, img, img, device=engine.device)
-    batch = Batch(images, torch.randint(0, 1000, (micro,)), 0)
-
-    def step():
-        (inputs,), targets = objective.prepare(images, batch, training=True)
-        loss = objective.loss(engine(inputs.to(torch.bfloat16)), targets)
-        engine.backward(loss)
-        engine.step()
-
-    return step
+    return training_step(cfg, num_classes=1000)
 
 
 def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps: int, sdpa: bool,

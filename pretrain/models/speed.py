@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from pretrain.parallel.activation_ckpt import swin_blocks
+
 
 def _window_attentions(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "relative_position_bias_table")]
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if type(m).__name__ in ("SwinTransformerBlock", "SwinTransformerV2Block")]
 
 
 def apply_speedups(model: nn.Module, sdpa_attention: bool, compile_blocks: bool) -> nn.Module:
@@ -27,7 +25,7 @@ def apply_speedups(model: nn.Module, sdpa_attention: bool, compile_blocks: bool)
     for attention in _window_attentions(model):
         attention.fused_attn = sdpa_attention
     if compile_blocks:
-        for block in _blocks(model):
+        for block in swin_blocks(model):
             block.compile()  # compiles the module's forward in place; parameters and names stay
     return model
 

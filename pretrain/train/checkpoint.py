@@ -131,11 +131,11 @@ def find_resume(run_dir: Path, dp_size: int, zero_stage: int) -> ResumePoint | N
             layout = ckpt_dir / tag / LAYOUT
             saved = json.loads(layout.read_text()) if layout.is_file() else {  # written before layouts were
                 "dp_world_size": dp_size, "zero_stage": zero_stage}
-            if (saved["dp_world_size"], saved["zero_stage"]) == (dp_size, zero_stage):
+            same_layout = (saved["dp_world_size"], saved["zero_stage"]) == (dp_size, zero_stage)
+            unpartitioned = saved["zero_stage"] == zero_stage == 0  # loads at any size as it is
+            if same_layout or unpartitioned:
                 return ResumePoint(ckpt_dir, tag, universal=False)
             if 0 in (saved["zero_stage"], zero_stage):
-                if saved["zero_stage"] == zero_stage:  # no partitions: loads at any size as it is
-                    return ResumePoint(ckpt_dir, tag, universal=False)
                 raise ConfigError(f"parallel.zero_stage={zero_stage}: checkpoint {ckpt_dir / tag} was saved with "
                                   f"ZeRO stage {saved['zero_stage']}; resume with that stage (or run.auto_resume=false)")
             return ResumePoint(ckpt_dir / UNIVERSAL, tag, universal=True)

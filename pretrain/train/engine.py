@@ -52,6 +52,7 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     groups, group_names = param_groups(model, cfg.optim.weight_decay)
     schedule = build_schedule(cfg)
     optimizer = build_optimizer(cfg, groups, schedule.peak)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, topo, load_universal))
+    ds_config = deepspeed_config(cfg, topo, load_universal)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     torch.manual_seed(cfg.run.seed * 1000 + topo.rank)  # per-rank stochastic depth, Mixup, ...
     return Training(engine, objective, schedule, group_names, message)

@@ -21,11 +21,16 @@ LR_REFERENCE_BATCH = 512
 NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "logit_scale", "cpb_mlp")
 
 
+def matches(name: str, prefixes: list[str]) -> bool:
+    """Whether parameter `name` lies under one of the dotted `prefixes` (whole name components)."""
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
 def freeze(backbone: nn.Module, prefixes: list[str]) -> int:
-    """Stop training the backbone parameters whose names start with one of `prefixes`; returns how many."""
+    """Stop training the backbone parameters under one of `prefixes`; returns how many."""
     frozen = 0
     for name, p in backbone.named_parameters():
-        if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+        if matches(name, prefixes):
             p.requires_grad_(False)
             frozen += 1
     return frozen
