@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO still calls this collective under its deprecated name; not actionable for users.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
-    topo = discover()
+    topo = discover(cfg.parallel.pipeline_stages, cfg.parallel.tensor_parallel)
     init_distributed(topo)
 
     dataset = dataset_info(cfg.data.root)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # Which checkpoint to continue from decides how DeepSpeed loads it (universal when the
     # layout changed), so it is found, and converted if need be, before the engine exists.
     try:
-        resume_point = checkpoint.find_resume(cfg.run_dir, topo.dp_size, cfg.parallel.zero_stage) \
+        resume_point = checkpoint.find_resume(cfg.run_dir, topo, cfg.parallel.zero_stage) \
             if cfg.run.auto_resume else None
     except ConfigError as e:
         metrics.print(f"config error: {e}", error=True)

@@ -42,6 +42,9 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     from pretrain.models.backbones import BACKBONES, build_backbone, resolve_geometry
 
     world = launch_world_size() if world_size is None else world_size
+    z = cfg.parallel
+    model_parallel = max(1, z.pipeline_stages) * max(1, z.tensor_parallel)
+    dp = max(1, world // model_parallel)  # data-parallel size; the layout itself is checked below
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -53,6 +56,7 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(cfg.model.window_size >= 0, f"model.window_size={cfg.model.window_size} must be >= 0")
     need(0.0 <= cfg.model.drop_path < 1.0, f"model.drop_path={cfg.model.drop_path} must be in [0, 1)")
     resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+    validate_layout(cfg, world)
 
     o = cfg.objective
     need(o.num_classes >= 0, f"objective.num_classes={o.num_classes} must be >= 0")
@@ -96,8 +100,8 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
             from pretrain.data.shards import train_sources
 
             n_shards = sum(len(s) for s in train_sources(cfg, info))
-            need(n_shards >= world * max(1, d.workers),
-                 f"data.resampled=false needs at least ranks x data.workers = {world} x {max(1, d.workers)} "
+            need(n_shards >= dp * max(1, d.workers),
+                 f"data.resampled=false needs at least data-parallel ranks x data.workers = {dp} x {max(1, d.workers)} "
                  f"training shards, found {n_shards}; use data.resampled=true or fewer workers")
         n_classes = len(info.get("classes", []))
         need(o.num_classes in (0, n_classes), f"objective.num_classes={o.num_classes} disagrees with the "
@@ -105,10 +109,10 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
 
     b = cfg.batch
     need(b.micro_batch >= 1, f"batch.micro_batch={b.micro_batch} must be >= 1")
-    per_step = b.micro_batch * world
+    per_step = b.micro_batch * dp
     need(b.global_batch >= per_step and b.global_batch % per_step == 0,
          f"batch.global_batch={b.global_batch} must be a multiple of batch.micro_batch x data-parallel ranks "
-         f"= {b.micro_batch} x {world} = {per_step}")
+         f"= {b.micro_batch} x {dp} = {per_step}")
 
     p = cfg.optim
     need(p.base_lr > 0, f"optim.base_lr={p.base_lr} must be > 0")
@@ -139,7 +143,6 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(0 <= s.warmup_steps < s.total_steps,
          f"schedule.warmup_steps={s.warmup_steps} must be in [0, schedule.total_steps={s.total_steps})")
 
-    z = cfg.parallel
     need(z.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage={z.zero_stage} must be 0, 1, 2 or 3")
     need(not (z.offload_optimizer and z.zero_stage == 0),
          "parallel.offload_optimizer=true needs parallel.zero_stage 1, 2 or 3 (got 0)")
@@ -162,3 +165,29 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
     need(cfg.eval.every_steps >= 0, f"eval.every_steps={cfg.eval.every_steps} must be >= 0")
     need(cfg.eval.micro_batch >= 1, f"eval.micro_batch={cfg.eval.micro_batch} must be >= 1")
+
+
+def validate_layout(cfg: Config, world: int) -> None:
+    """world = data x pipeline x tensor, and what each model-parallel degree allows."""
+    from pretrain.models.backbones import BACKBONES
+
+    z = cfg.parallel
+    spec = BACKBONES[cfg.model.arch]
+    if z.pipeline_stages < 1 or z.tensor_parallel < 1:
+        raise ConfigError(f"parallel.pipeline_stages={z.pipeline_stages} and parallel.tensor_parallel="
+                          f"{z.tensor_parallel} must be >= 1")
+    model_parallel = z.pipeline_stages * z.tensor_parallel
+    if world % model_parallel:
+        raise ConfigError(f"parallel.pipeline_stages x parallel.tensor_parallel = {z.pipeline_stages} x "
+                          f"{z.tensor_parallel} = {model_parallel} must divide the {world} ranks")
+    if model_parallel > 1 and z.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={z.zero_stage} cannot be combined with pipeline or tensor "
+                          f"parallelism (allowed: 0 or 1)")
+    uneven = [h for h in spec.num_heads if h % z.tensor_parallel]
+    if uneven:
+        raise ConfigError(f"parallel.tensor_parallel={z.tensor_parallel} must divide the attention heads of every "
+                          f"stage of {cfg.model.arch} ({', '.join(map(str, spec.num_heads))})")
+    layers = 2 + sum(spec.depths) + len(spec.depths) - 1  # embed, blocks, patch mergings, head
+    if z.pipeline_stages > layers:
+        raise ConfigError(f"parallel.pipeline_stages={z.pipeline_stages} exceeds the {layers} pipeline layers of "
+                          f"{cfg.model.arch}")

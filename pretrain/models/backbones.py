@@ -35,6 +35,7 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {
     "swin_debug": BackboneSpec("swin_tiny_patch4_window7_224", 32, (2, 2), (2, 4), 4, 32),
+    "swinv2_debug": BackboneSpec("swinv2_tiny_window8_256", 32, (2, 2), (2, 4), 4, 32, is_v2=True),
     "swin_t": BackboneSpec("swin_tiny_patch4_window7_224", 96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 224),
     "swin_s": BackboneSpec("swin_small_patch4_window7_224", 96, (2, 2, 18, 2), (3, 6, 12, 24), 7, 224),
     "swin_b": BackboneSpec("swin_base_patch4_window7_224", 128, (2, 2, 18, 2), (4, 8, 16, 32), 7, 224),

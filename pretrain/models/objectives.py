@@ -28,6 +28,8 @@ class SupervisedObjective:
     loss covers every setting. Evaluation uses hard labels and reports top-1/top-5.
     """
 
+    eval_sums_size = 4  # length of what eval_sums returns
+
     def __init__(self, cfg: Config, num_classes: int):
         o = cfg.objective
         self.cfg = cfg
@@ -93,6 +95,8 @@ class SupervisedObjective:
 
 class SimMIMObjective:
     """Masked image modeling: L1 reconstruction of the masked pixels (SimMIM)."""
+
+    eval_sums_size = 2
 
     def __init__(self, cfg: Config, num_classes: int):
         self.cfg = cfg

@@ -34,6 +34,10 @@ def deepspeed_config(cfg: Config, topo: Topology, load_universal: bool = False) 
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
+    if topo.pipeline > 1:
+        # DeepSpeed can split the activations sent between stages over the tensor-parallel
+        # ranks, but only when nothing else travels with them; ours carry the loss targets.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if cfg.precision != "fp32":
         # DeepSpeed casts parameters but leaves float buffers in fp32; Swin's attention
         # mask and SwinV2's coordinate table must match the activations' dtype.

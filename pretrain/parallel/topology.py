@@ -1,48 +1,88 @@
-"""Process layout of a run: who am I, how many of us, and which ranks share data.
+"""Process layout of a run: world = data x pipeline x tensor, and every process group.
 
-Every rank number the rest of the code uses comes from here. Today the layout is pure
-data parallelism (world = data-parallel size); pipeline and tensor degrees will be
-factored out of the world here, and only here.
+Every rank number and process group the rest of the code uses comes from here. Ranks are
+ordered the way DeepSpeed's pipeline grid orders them (pipeline stage outermost, then
+data, then tensor innermost, so a tensor-parallel group is a block of neighbouring ranks,
+the ones that share a node's fast links):
+
+    rank = stage * (data * tensor) + data_rank * tensor + tensor_rank
+
+fairscale's own `initialize_model_parallel` orders ranks data-major, so it is never
+called: its tensor-parallel and data-parallel groups are set to the grid's groups here.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from launch.env import rank_environment
 
 
-@dataclass(frozen=True)
+@dataclass
 class Topology:
     rank: int
     local_rank: int
     world_size: int
+    pipeline: int = 1  # pipeline-parallel degree (stages)
+    tensor: int = 1  # tensor-parallel degree
+    # DeepSpeed's PipelineParallelGrid over this layout, made by init_distributed when a
+    # model-parallel degree is > 1 (None for pure data parallelism); DeepSpeed's `mpu`.
+    grid: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.world_size % (self.pipeline * self.tensor):
+            raise ValueError(f"{self.world_size} ranks cannot be split into pipeline {self.pipeline} x "
+                             f"tensor {self.tensor} groups")
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel size: replicas of the model, each fed its own share of the data."""
+        return self.world_size // (self.pipeline * self.tensor)
+
+    @property
+    def stage(self) -> int:
+        """Pipeline stage of this rank (0 = first)."""
+        return self.rank // (self.dp_size * self.tensor)
 
     @property
     def dp_rank(self) -> int:
         """Rank within the data-parallel group (selects this rank's share of the data)."""
-        return self.rank
+        return self.rank // self.tensor % self.dp_size
 
     @property
-    def dp_size(self) -> int:
-        return self.world_size
+    def tp_rank(self) -> int:
+        """Rank within the tensor-parallel group (selects this rank's heads and hidden units)."""
+        return self.rank % self.tensor
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.pipeline * self.tensor > 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def deepspeed_topology(self) -> Any:
+        """This layout as DeepSpeed's process topology (axes pipe, data, model)."""
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-def discover() -> Topology:
+        return PipeModelDataParallelTopology(num_pp=self.pipeline, num_mp=self.tensor, num_dp=self.dp_size)
+
+
+def discover(pipeline: int = 1, tensor: int = 1) -> Topology:
     """This process's place, from whichever launcher started it (see launch/env.py)."""
     rank_environment()
     return Topology(
         rank=int(os.environ["RANK"]),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         world_size=int(os.environ["WORLD_SIZE"]),
+        pipeline=pipeline,
+        tensor=tensor,
     )
 
 
@@ -59,6 +99,24 @@ def init_distributed(topo: Topology) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=False)
     if not on_gpu():
         release_shm_segment(topo)
+    if topo.model_parallel:
+        _build_groups(topo)
+
+
+def _build_groups(topo: Topology) -> None:
+    """DeepSpeed's grid for this layout (every rank creates every group, in the same order),
+    and fairscale's tensor-parallel layers pointed at the grid's groups."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+    from fairscale.nn.model_parallel import initialize as fairscale_groups
+
+    grid = PipelineParallelGrid(topology=topo.deepspeed_topology())
+    assert (grid.get_stage_id(), grid.get_data_parallel_rank(), grid.get_slice_parallel_rank()) == \
+        (topo.stage, topo.dp_rank, topo.tp_rank), "rank order differs from DeepSpeed's grid"
+    fairscale_groups._MODEL_PARALLEL_GROUP = grid.get_slice_parallel_group()
+    fairscale_groups._DATA_PARALLEL_GROUP = grid.get_data_parallel_group()
+    fairscale_groups._PIPELINE_PARALLEL_GROUP = grid.get_pipe_parallel_group()
+    fairscale_groups._PIPELINE_PARALLEL_RANKS = grid.pp_group
+    topo.grid = grid
 
 
 def release_shm_segment(topo: Topology) -> None:

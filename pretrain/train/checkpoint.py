@@ -7,10 +7,12 @@ writing, so a crash during a save leaves the previous checkpoint as the one resu
 Each complete tag also gets `manifest.json` (every file and its size); a tag whose files
 do not match its manifest is passed over, with a warning, for the one before it.
 
-Each tag records the data-parallel size and ZeRO stage it was written with
-(`layout.json`). Resuming at another size or stage converts the tag once into DeepSpeed's
-universal format (`checkpoints/universal/<tag>`, by rank 0, with DeepSpeed's own
-ds_to_universal) and loads that, so a job can continue on fewer or more GPUs.
+Each tag records the layout it was written with (`layout.json`: data-parallel size, ZeRO
+stage, pipeline and tensor degrees). Resuming a data-parallel run at another size or ZeRO
+stage converts the tag once into DeepSpeed's universal format
+(`checkpoints/universal/<tag>`, by rank 0, with DeepSpeed's own ds_to_universal) and loads
+that, so a job can continue on fewer or more GPUs. Pipeline and tensor degrees must stay
+those of the checkpoint (a config error otherwise).
 
 `StopSignal` turns SIGUSR1 / SIGTERM (Slurm preemption, scancel) into a flag that all
 ranks agree on through an all-reduce, so they checkpoint and stop at the same step.
@@ -35,7 +37,7 @@ from pretrain.config import ConfigError
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-LAYOUT = "layout.json"  # in a tag: the data-parallel size and ZeRO stage it was saved with
+LAYOUT = "layout.json"  # in a tag: the process layout and ZeRO stage it was saved with
 UNIVERSAL = "universal"  # in the checkpoint dir: tags converted for another layout
 STOPPED_MARKER = "stopped_on_signal"  # in the run dir: checkpointed on a stop signal, requeue me
 
@@ -101,7 +103,14 @@ def _publish(ckpt_dir: Path, tag: str, keep_last: int, layout: dict[str, int]) -
             shutil.rmtree(ckpt_dir / UNIVERSAL / old, ignore_errors=True)
 
 
-def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int) -> str:
+def layout(topo: Any, zero_stage: int) -> dict[str, int]:
+    """What layout.json records for a run on `topo`."""
+    return {"dp_world_size": topo.dp_size, "zero_stage": zero_stage, "pipeline_stages": topo.pipeline,
+            "tensor_parallel": topo.tensor}
+
+
+def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
+         saved_layout: dict[str, int]) -> str:
     """Save a checkpoint from every rank and make it `latest` once all ranks are done."""
     ckpt_dir = checkpoint_dir(run_dir)
     tag = tag_for(step)
@@ -110,13 +119,12 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        _publish(ckpt_dir, tag, keep_last, {"dp_world_size": engine.dp_world_size,
-                                            "zero_stage": engine.zero_optimization_stage()})
+        _publish(ckpt_dir, tag, keep_last, saved_layout)
     dist.barrier()
     return tag
 
 
-def find_resume(run_dir: Path, dp_size: int, zero_stage: int) -> ResumePoint | None:
+def find_resume(run_dir: Path, topo: Any, zero_stage: int) -> ResumePoint | None:
     """The newest intact checkpoint of the run and how to load it at this layout, or None."""
     ckpt_dir = checkpoint_dir(run_dir)
     newest = latest_tag(ckpt_dir)
@@ -128,13 +136,22 @@ def find_resume(run_dir: Path, dp_size: int, zero_stage: int) -> ResumePoint | N
     for tag in candidates:
         problem = problem_with(ckpt_dir / tag)
         if problem is None:
-            layout = ckpt_dir / tag / LAYOUT
-            saved = json.loads(layout.read_text()) if layout.is_file() else {  # written before layouts were
-                "dp_world_size": dp_size, "zero_stage": zero_stage}
-            same_layout = (saved["dp_world_size"], saved["zero_stage"]) == (dp_size, zero_stage)
+            path = ckpt_dir / tag / LAYOUT
+            ours = layout(topo, zero_stage)
+            saved = {"pipeline_stages": 1, "tensor_parallel": 1,  # before these were recorded
+                     **(json.loads(path.read_text()) if path.is_file() else ours)}
+            for key in ("pipeline_stages", "tensor_parallel"):
+                if saved[key] != ours[key]:
+                    raise ConfigError(f"parallel.{key}={ours[key]}: checkpoint {ckpt_dir / tag} was saved with "
+                                      f"{key}={saved[key]}; resume with that value (or run.auto_resume=false)")
+            same_layout = saved == ours
             unpartitioned = saved["zero_stage"] == zero_stage == 0  # loads at any size as it is
             if same_layout or unpartitioned:
                 return ResumePoint(ckpt_dir, tag, universal=False)
+            if topo.model_parallel:
+                raise ConfigError(f"checkpoint {ckpt_dir / tag} was saved by {saved['dp_world_size']} data-parallel "
+                                  f"ranks at ZeRO stage {saved['zero_stage']}; with pipeline or tensor parallelism "
+                                  f"resume with that layout (or run.auto_resume=false)")
             if 0 in (saved["zero_stage"], zero_stage):
                 raise ConfigError(f"parallel.zero_stage={zero_stage}: checkpoint {ckpt_dir / tag} was saved with "
                                   f"ZeRO stage {saved['zero_stage']}; resume with that stage (or run.auto_resume=false)")

@@ -3,9 +3,12 @@
 1. the objective builds the model (a timm Swin, or SimMIM around one), with identical
    initial weights on every rank;
 2. optional initial weights from an export (`run.init_from`), frozen parameters;
-3. activation checkpointing and sequential attention (memory), then the speed switches
-   (attention kernel, compile);
-4. AdamW parameter groups, the LR schedule, and DeepSpeed ZeRO from our config.
+3. tensor parallelism (each rank keeps its shard of every block), activation
+   checkpointing and sequential attention (memory), then the speed switches (attention
+   kernel, compile);
+4. pipeline parallelism: the model cut into this rank's pipeline stage;
+5. AdamW parameter groups (of this stage's parameters), the LR schedule, and DeepSpeed
+   ZeRO from our config, over the topology's data-parallel groups.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from pretrain.config import Config
@@ -21,7 +25,9 @@ from pretrain.models.objectives import build_objective
 from pretrain.models.speed import apply_speedups
 from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
 from pretrain.parallel.deepspeed_config import deepspeed_config
+from pretrain.parallel.pipeline import build_pipeline
 from pretrain.parallel.sequential_attention import apply_sequential_attention
+from pretrain.parallel.tensor import apply_tensor_parallel
 from pretrain.parallel.topology import Topology
 from pretrain.train.optim import WarmupCosine, build_optimizer, build_schedule, freeze, param_groups
 
@@ -46,13 +52,31 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
         loaded = load_backbone_weights(getattr(model, "encoder", model), cfg.run.init_from)
         message = f"initialized {loaded} backbone tensors from {cfg.run.init_from}"
     freeze(getattr(model, "encoder", model), cfg.optim.frozen)
-    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every_k)
-    apply_sequential_attention(model, cfg.parallel.sequential_attention, cfg.parallel.attention_chunk_windows)
+    p = cfg.parallel
+    apply_tensor_parallel(model, topo.tp_rank, topo.tensor)
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k)
+    apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
     apply_speedups(model, cfg.speed.sdpa_attention, cfg.speed.compile)
-    groups, group_names = param_groups(model, cfg.optim.weight_decay)
+    groups, group_names = param_groups(model, cfg.optim.weight_decay)  # named as in the whole model
+    module, mpu = model, topo.grid
+    if topo.pipeline > 1:
+        module, mpu = build_pipeline(model, objective, topo, p.pipeline_partition), None  # the module has its grid
+        groups, group_names = _owned(groups, group_names, module)
     schedule = build_schedule(cfg)
     optimizer = build_optimizer(cfg, groups, schedule.peak)
     ds_config = deepspeed_config(cfg, topo, load_universal)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    torch.manual_seed(cfg.run.seed * 1000 + topo.rank)  # per-rank stochastic depth, Mixup, ...
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu)
+    # Per data-parallel rank: the ranks of one tensor-parallel group hold the same activations
+    # and must draw the same stochastic depth, random erasing and Mixup.
+    seed = cfg.run.seed * 1000 + topo.dp_rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
     return Training(engine, objective, schedule, group_names, message)
+
+
+def _owned(groups: list[dict], names: list[list[str]], module: torch.nn.Module) -> tuple[list[dict], list[list[str]]]:
+    """The parameter groups restricted to the parameters `module` (this pipeline stage) holds."""
+    own = {id(p) for p in module.parameters()}
+    kept = [[(p, n) for p, n in zip(g["params"], group_names) if id(p) in own] for g, group_names in zip(groups, names)]
+    return ([{**g, "params": [p for p, _ in k]} for g, k in zip(groups, kept)],
+            [[n for _, n in k] for k in kept])

@@ -20,12 +20,30 @@ from pretrain.data.shards import Batch, eval_loader, train_loader
 from pretrain.data.transforms import BatchPreprocess
 from pretrain.flops import device_peak_flops, train_flops_per_image
 from pretrain.models.backbones import BACKBONES
+from pretrain.parallel.pipeline import pack
 from pretrain.parallel.topology import Topology
 from pretrain.train import checkpoint
 from pretrain.train.metrics import Metrics
 from pretrain.train.optim import WarmupCosine, set_lr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# What a pipeline stage that reads no data hands DeepSpeed as a micro-batch (inputs, labels).
+NO_DATA = (torch.zeros(1), torch.zeros(1))
+
+
+def padded(batch: Batch, valid: torch.Tensor, size: int) -> tuple[Batch, torch.Tensor]:
+    """`batch` and its valid-row weights grown to `size` rows with zero-weight blank rows."""
+    pad = size - batch.labels.shape[0]
+    if pad <= 0:
+        return batch, valid
+
+    def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+
+    return batch._replace(images=grow(batch.images), labels=grow(batch.labels), masks=grow(batch.masks)), \
+        grow(valid)
 
 
 class Preempted(Exception):
@@ -96,7 +114,12 @@ class Trainer:
         self.state = TrainState()
         self.skipped_here = 0  # samples this rank skipped since this process started
         self.norm_not_recorded = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
-        self.show_images = cfg.objective.kind == "simmim"
+        self.pipelined = topo.pipeline > 1
+        # With a pipeline only the first stage reads data: the targets travel with the activations.
+        self.reads_data = topo.stage == 0
+        # Ranks of one tensor-parallel group see the same samples: count them on one of them.
+        self.counts = 1 if topo.tp_rank == 0 else 0
+        self.show_images = cfg.objective.kind == "simmim" and not self.pipelined
         self.fixed_batch: Batch | None = None
         self.stop = checkpoint.StopSignal()
         self.bad_in_a_row = 0
@@ -115,7 +138,7 @@ class Trainer:
 
     def skipped_counts(self) -> tuple[int, int]:
         """(samples skipped over all ranks in the whole run, most skipped by one rank in this process). Collective."""
-        total = torch.tensor([self.skipped_here], dtype=torch.int64)
+        total = torch.tensor([self.skipped_here * self.counts], dtype=torch.int64)
         most = total.clone()
         dist.all_reduce(total)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
@@ -124,18 +147,25 @@ class Trainer:
     def save(self) -> None:
         state = {**self.client_state, "step": self.state.step, "samples_seen": self.state.samples_seen,
                  "skipped_samples": self.skipped_counts()[0], "skipped_steps": self.state.skipped_steps}
-        tag = checkpoint.save(self.engine, self.cfg.run_dir, self.state.step, state, self.cfg.checkpoint.keep_last)
+        tag = checkpoint.save(self.engine, self.cfg.run_dir, self.state.step, state, self.cfg.checkpoint.keep_last,
+                              checkpoint.layout(self.topo, self.cfg.parallel.zero_stage))
         self.metrics.print(f"step {self.state.step}: saved checkpoint {tag}")
 
     # -- training ----------------------------------------------------------------------
 
     def _local_grad_norm(self) -> float:
-        """Gradient norm from the module's gradients (already averaged over ranks at the boundary).
+        """Global gradient norm from the module's gradients (already averaged over data-parallel
+        ranks at the boundary); DeepSpeed records it itself except for plain fp32 data parallelism.
 
-        DeepSpeed records the global norm itself except for plain fp32 data parallelism.
+        Each pipeline stage and tensor-parallel shard adds its own part; a tensor replicated
+        over a tensor-parallel group is counted on the group's first rank only.
         """
-        grads = [p.grad.float() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        square = torch.zeros((), dtype=torch.float64)
+        for p in self.engine.module.parameters():
+            if p.grad is not None and (self.topo.tp_rank == 0 or getattr(p, "model_parallel", False)):
+                square += p.grad.double().square().sum()
+        dist.all_reduce(square)
+        return float((square / self.topo.dp_size).sqrt())
 
     def _mean_over_ranks(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -147,13 +177,14 @@ class Trainer:
         cfg = self.cfg
         total = cfg.schedule.total_steps
         batches = iter(train_loader(cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size,
-                                    self.state.step))
+                                    self.state.step)) if self.reads_data else iter(())
         preprocess = BatchPreprocess(cfg, training=True, device=self.device)
         self.engine.train()
         window = Window()
         last_eval: dict[str, float] = {}
         while self.state.step < total:
-            if self._train_step(batches, preprocess, window):
+            step = self._pipeline_step if self.pipelined else self._train_step
+            if step(batches, preprocess, window):
                 self.bad_in_a_row = 0
             else:
                 self.bad_in_a_row += 1
@@ -229,6 +260,34 @@ class Trainer:
                    grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm() or 0.0))
         return finite
 
+    def _pipeline_step(self, batches: Iterator[Batch], preprocess: BatchPreprocess, window: Window) -> bool:
+        """One optimizer step through DeepSpeed's pipeline schedule; False if the loss was not finite.
+
+        The update cannot be withdrawn afterwards here: bf16/fp16 runs rely on DeepSpeed's
+        overflow check to skip it, and `run.max_bad_steps` stops a run that keeps failing.
+        """
+        lr = self.schedule.lr(self.state.step)
+        set_lr(self.engine.optimizer, lr)
+
+        def micro_batches() -> Iterator[tuple]:
+            while True:
+                if not self.reads_data:  # the last stage's "labels": unused, the targets are carried
+                    yield NO_DATA
+                    continue
+                t_wait = time.time()
+                batch = next(batches)
+                window.wait += time.time() - t_wait
+                self.skipped_here += batch.skipped
+                images = preprocess(batch.images.to(self.device, non_blocking=True))
+                inputs, targets = self.objective.prepare(images, batch, True)
+                yield pack((inputs[0].to(self.dtype), *inputs[1:]), targets), NO_DATA[1]
+
+        loss = self.engine.train_batch(data_iter=micro_batches()).float()
+        finite = bool(torch.isfinite(loss).item())  # the same on every rank: DeepSpeed broadcasts it
+        grad_norm = self.engine.get_global_grad_norm()
+        window.add(lr, loss.item() if finite else None, float(grad_norm or 0.0))
+        return finite
+
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         bad = torch.tensor([0 if torch.isfinite(loss).item() else 1], dtype=torch.int32)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -287,17 +346,22 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The objective's metrics over the whole validation split, each sample counted exactly once."""
         self.engine.eval()
+        if self.pipelined:  # evaluation micro-batches carry one more tensor (valid rows) than training's
+            self.engine.reset_activation_shape()
+            self.engine.module.loss_fn.evaluating = True
         sums = None
         skipped = 0
-        batches = iter(eval_loader(self.cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size))
+        batches = iter(eval_loader(self.cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size)) \
+            if self.reads_data else iter(())
         preprocess = BatchPreprocess(self.cfg, training=False, device=self.device)
         while True:
             batch = next(batches, None)
             if batch is not None and batch.labels.numel() == 0:  # only skipped samples at the end of a shard
                 skipped += batch.skipped
                 continue
-            # Ranks may hold different numbers of batches; with ZeRO-3 every forward is a
-            # collective, so a rank that ran out runs a zero-weight dummy batch until all are done.
+            # Ranks may hold different numbers of batches; with ZeRO-3 (and a pipeline) every
+            # forward is a collective, so a rank that ran out runs a zero-weight dummy batch
+            # until all are done.
             more = torch.tensor([0.0 if batch is None else 1.0])
             dist.all_reduce(more, op=dist.ReduceOp.MAX)
             if more.item() == 0:
@@ -305,20 +369,47 @@ class Trainer:
             valid = torch.zeros(1) if batch is None else torch.ones(batch.labels.shape[0])
             batch = self._dummy_batch() if batch is None else batch
             skipped += batch.skipped
-            outputs, targets = self._forward(batch, preprocess, training=False)
-            batch_sums = self.objective.eval_sums(outputs, targets, valid)
-            sums = batch_sums if sums is None else sums + batch_sums
-        if sums is None:  # no validation data on any rank
-            sums = self.objective.eval_sums(*self._forward(self._dummy_batch(), preprocess, False), torch.zeros(1))
-        totals = torch.cat([sums, torch.tensor([float(skipped)], dtype=torch.float64)])
+            batch_sums = (self._pipeline_eval_sums if self.pipelined else self._eval_sums)(batch, valid, preprocess)
+            if batch_sums is not None:
+                sums = batch_sums if sums is None else sums + batch_sums
+        if sums is None:  # no validation data, or a pipeline stage that does not compute the loss
+            sums = torch.zeros(self.objective.eval_sums_size, dtype=torch.float64)
+        totals = torch.cat([sums, torch.tensor([float(skipped)], dtype=torch.float64)]) * self.counts
         dist.all_reduce(totals)
         result = {**self.objective.eval_metrics(totals[:-1]), "eval/skipped": float(totals[-1])}
         self.metrics.log(self.state.step, result)
         shown = "  ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in result.items()
                           if k not in ("eval/samples", "eval/skipped"))
         self.metrics.print(f"step {self.state.step}: eval {shown}  on {int(result['eval/samples'])} images")
+        if self.pipelined:
+            self.engine.reset_activation_shape()
+            self.engine.module.loss_fn.evaluating = False
         self.engine.train()
         return result
+
+    def _eval_sums(self, batch: Batch, valid: torch.Tensor, preprocess: BatchPreprocess) -> torch.Tensor:
+        outputs, targets = self._forward(batch, preprocess, training=False)
+        return self.objective.eval_sums(outputs, targets, valid)
+
+    def _pipeline_eval_sums(self, batch: Batch, valid: torch.Tensor, preprocess: BatchPreprocess,
+                            ) -> torch.Tensor | None:
+        """Evaluation sums of one batch through the pipeline (on its last stage; None elsewhere).
+
+        Batches are padded to `eval.micro_batch` rows with zero weight: the pipeline sends
+        activations of one fixed shape.
+        """
+        micro = NO_DATA
+        if self.reads_data:
+            batch, valid = padded(batch, valid, self.cfg.eval.micro_batch)
+            images = preprocess(batch.images.to(self.device, non_blocking=True))
+            inputs, targets = self.objective.prepare(images, batch, False)
+            micro = (*pack((inputs[0].to(self.dtype), *inputs[1:]), targets), valid.to(self.device)), NO_DATA[1]
+        # DeepSpeed sums every last-stage loss into `total_loss` and clears it only in
+        # train_batch; our evaluation "loss" is a vector of sums, so start from nothing.
+        self.engine.total_loss = None
+        out = self.engine.eval_batch(iter([micro]), compute_loss=True, reduce_output=None, bcast_loss=False,
+                                     num_micro_batches=1)
+        return out[0].cpu() if self.engine.is_last_stage() else None
 
     @torch.no_grad()
     def log_images(self) -> None:

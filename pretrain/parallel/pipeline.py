@@ -1,0 +1,132 @@
+"""Pipeline parallelism: a Swin model (classifier or SimMIM) cut into a DeepSpeed PipelineModule.
+
+The model is flattened into a list of layers, in forward order:
+
+    embed (patch embedding [+ SimMIM mask token]) -> [patch merging] -> block -> ... -> head
+    (final norm + classifier head, or final norm + SimMIM decoder)
+
+and DeepSpeed gives each pipeline stage a consecutive run of them, balanced by parameter
+count or by layer count (`parallel.pipeline_partition`). The layers wrap the model's own
+modules, so activation checkpointing, sequential attention and tensor parallelism applied
+to the blocks before the cut still hold.
+
+A micro-batch travels through the pipeline as one tuple `(x, *carry)`: `carry` holds the
+loss targets (and, in evaluation, the valid-row mask), passed along unchanged from the
+first stage to the last. Only the first stage reads data, so augmentation and Mixup
+happen once and the last stage computes the loss on exactly the targets that go with
+the images, whatever each stage's random state.
+
+Parameter names: each layer maps its own state-dict keys to the full model's
+(`full_names`), which export uses to put the per-layer checkpoint files back together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class Embed(nn.Module):
+    """Patch embedding; for SimMIM, masked tokens replaced by the learned mask token."""
+
+    def __init__(self, patch_embed: nn.Module, mask_token: nn.Parameter | None, model_inputs: int):
+        super().__init__()
+        self.patch_embed = patch_embed
+        self.mask_token = mask_token
+        self.model_inputs = model_inputs  # leading tuple entries that are model inputs, not carry
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = self.patch_embed(inputs[0])
+        if self.mask_token is not None:  # same arithmetic as models.simmim.SimMIM.forward
+            w = inputs[1].unsqueeze(-1).to(x.dtype)
+            x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+        # DeepSpeed runs backward on every floating-point output of a stage and sends back the
+        # gradient of every floating-point input, carried targets included (a pass-through).
+        carry = tuple(t.requires_grad_() if t.is_floating_point() and t.is_leaf else t
+                      for t in inputs[self.model_inputs:])
+        return (x, *carry)
+
+
+class Carried(nn.Module):
+    """One module of the trunk (a Swin block or a patch merging) applied to the activation."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (self.module(inputs[0]), *inputs[1:])
+
+
+class Head(nn.Module):
+    """Final norm, then the classifier head (NHWC in) or the SimMIM decoder (NCHW in)."""
+
+    def __init__(self, norm: nn.Module, output: nn.Module, channels_first: bool):
+        super().__init__()
+        self.norm = norm
+        self.output = output
+        self.channels_first = channels_first
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = self.norm(inputs[0])
+        x = self.output(x.permute(0, 3, 1, 2) if self.channels_first else x)
+        return (x, *inputs[1:])
+
+
+def pipeline_layers(model: nn.Module) -> list[nn.Module]:
+    """`model` (a timm Swin classifier, or SimMIM around one) as a list of pipeline layers."""
+    simmim = hasattr(model, "encoder")
+    backbone = model.encoder if simmim else model
+    layers: list[nn.Module] = [Embed(backbone.patch_embed, model.mask_token if simmim else None,
+                                     model_inputs=2 if simmim else 1)]
+    for stage in backbone.layers:
+        if not isinstance(stage.downsample, nn.Identity):
+            layers.append(Carried(stage.downsample))
+        layers.extend(Carried(block) for block in stage.blocks)
+    layers.append(Head(backbone.norm, model.decoder if simmim else backbone.head, channels_first=simmim))
+    return layers
+
+
+def full_names(model: nn.Module, layers: list[nn.Module]) -> list[dict[str, str]]:
+    """For every layer, its state-dict keys -> the same tensors' keys in `model`."""
+    by_tensor = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
+    return [{key: by_tensor[id(t)] for key, t in layer.state_dict(keep_vars=True).items()} for layer in layers]
+
+
+class PipelineLoss:
+    """The objective's loss on the last stage, on the targets carried with the activations.
+
+    In evaluation (`evaluating = True`) it returns the objective's evaluation sums instead,
+    with the valid-row mask as the last carried tensor.
+    """
+
+    def __init__(self, objective: Any):
+        self.objective = objective
+        self.evaluating = False
+
+    def __call__(self, outputs: tuple[torch.Tensor, ...], _labels: Any) -> torch.Tensor:
+        out, *carry = outputs
+        if self.evaluating:
+            return self.objective.eval_sums(out, unpack(carry[:-1]), carry[-1]).to(out.device)
+        return self.objective.loss(out, unpack(carry))
+
+
+def pack(inputs: tuple[torch.Tensor, ...], targets: Any) -> tuple[torch.Tensor, ...]:
+    """A first-stage micro-batch: the model inputs followed by the targets, flattened."""
+    return (*inputs, *(targets if isinstance(targets, tuple) else (targets,)))
+
+
+def unpack(carry: list[torch.Tensor]) -> Any:
+    return carry[0] if len(carry) == 1 else tuple(carry)
+
+
+def build_pipeline(model: nn.Module, objective: Any, topo: Any, partition: str) -> Any:
+    """`model` as a DeepSpeed PipelineModule over `topo`'s pipeline stages."""
+    from deepspeed.pipe import PipelineModule
+
+    module = PipelineModule(layers=pipeline_layers(model), topology=topo.deepspeed_topology(),
+                            loss_fn=PipelineLoss(objective), partition_method=partition,
+                            activation_checkpoint_interval=0)
+    return module
