@@ -3,8 +3,9 @@
     python -m pretrain.export --run RUN_DIR --out OUT_DIR [--headless] [--tag stepNNNNNNNN]
 
 The latest (or the given) DeepSpeed checkpoint of the run is consolidated into one fp32
-state dict, whatever the ZeRO stage, loaded with `strict=True` into the timm model the
-run trained, and written with timm's own exporter. Load it with stock timm:
+state dict, whatever its layout (ZeRO stage, pipeline stages, tensor-parallel shards),
+loaded with `strict=True` into the timm model the run trained, and written with timm's
+own exporter. Load it with stock timm:
 
     model = timm.create_model("local-dir:OUT_DIR", pretrained=True)
 
@@ -26,7 +27,9 @@ import torch
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.models.backbones import BACKBONES, build_backbone, resolve_geometry
 from pretrain.models.objectives import OBJECTIVES
-from pretrain.train.checkpoint import checkpoint_dir, latest_tag
+from pretrain.parallel.pipeline import full_names, pipeline_layers
+from pretrain.parallel.tensor import merge, split_rule
+from pretrain.train.checkpoint import LAYOUT, checkpoint_dir, latest_tag
 
 LOGIT_TOLERANCE = 1e-5
 
@@ -47,6 +50,10 @@ def _load_model_states(path: Path) -> dict[str, Any]:
 
 def consolidated_state_dict(cfg: Config, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights of checkpoint `tag`, as one state dict in the module's own key layout."""
+    layout_file = ckpt_dir / tag / LAYOUT
+    layout = json.loads(layout_file.read_text()) if layout_file.is_file() else {}
+    if layout.get("pipeline_stages", 1) * layout.get("tensor_parallel", 1) > 1:
+        return _model_parallel_state_dict(cfg, ckpt_dir / tag, layout["pipeline_stages"], layout["tensor_parallel"])
     if cfg.parallel.zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -62,6 +69,36 @@ def consolidated_state_dict(cfg: Config, ckpt_dir: Path, tag: str) -> dict[str, 
         for name, tensor in zip(names, tensors):
             module[name] = tensor.float().view_as(module[name])
     return module
+
+
+def _model_parallel_state_dict(cfg: Config, tag_dir: Path, stages: int, tensor: int) -> dict[str, torch.Tensor]:
+    """The whole model from pipeline-layer files and tensor-parallel shards.
+
+    These are the module's weights as trained, in the training precision (bf16 runs keep
+    their fp32 master copy only in DeepSpeed's partitioned optimizer state).
+    """
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tensor)]
+    if stages == 1:
+        for rank in range(tensor):
+            shards[rank] = _load_model_states(tag_dir / f"mp_rank_{rank:02d}_model_states.pt")["module"]
+    else:
+        with torch.device("meta"):  # only the names: which layer file holds which tensor
+            model = OBJECTIVES[cfg.objective.kind](cfg, _num_classes(tag_dir)).build_model()
+        for index, names in enumerate(full_names(model, pipeline_layers(model))):
+            for rank in range(tensor):
+                layer = torch.load(tag_dir / f"layer_{index:02d}-model_{rank:02d}-model_states.pt",
+                                   map_location="cpu", weights_only=True)
+                shards[rank].update({names[key]: value for key, value in layer.items() if key in names})
+    merged = {}
+    for name, value in shards[0].items():
+        rule = split_rule(name)
+        merged[name] = (value if rule is None else merge([s[name] for s in shards], rule)).float()
+    return merged
+
+
+def _num_classes(tag_dir: Path) -> int:
+    states = _load_model_states(tag_dir / "mp_rank_00_model_states.pt")
+    return int(states.get("num_classes", 0))
 
 
 def export_run(run_dir: Path, out_dir: Path, headless: bool = False, tag: str | None = None) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.Co
 
 
 def train(run_dir: Path, shards: Path, *overrides: str, launcher: str = "deepspeed", nproc: int = 2,
-          check: bool = True) -> subprocess.CompletedProcess:
+          check: bool = True, config: str = "configs/demo.yaml") -> subprocess.CompletedProcess:
     """Train with the demo config, tiny and short, through a real launcher."""
     sets = [
         f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", f"data.root={shards}",
@@ -55,7 +55,7 @@ def train(run_dir: Path, shards: Path, *overrides: str, launcher: str = "deepspe
         f"batch.global_batch={16 * nproc}",
         *overrides,
     ]
-    args = ["pretrain/main.py", "--config", "configs/demo.yaml"] + [a for s in sets for a in ("--set", s)]
+    args = ["pretrain/main.py", "--config", config] + [a for s in sets for a in ("--set", s)]
     port = free_port()
     if launcher == "deepspeed":
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)] + args

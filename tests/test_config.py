@@ -78,6 +78,19 @@ def test_wrong_types(shards, override, expected):
     (["optim.min_lr=1"], "1", "optim.min_lr=1.0 must be in [0, optim.base_lr"),
     (["precision=fp16"], "1", "precision=fp16 needs a CUDA device"),
     (["data.root=/nonexistent"], "1", "data.root=/nonexistent: no dataset.json there"),
+    (["parallel.tensor_parallel=2", "parallel.zero_stage=1"], "3",
+     "parallel.pipeline_stages x parallel.tensor_parallel = 1 x 2 = 2 must divide the 3 ranks"),
+    (["parallel.pipeline_stages=2", "parallel.tensor_parallel=2", "parallel.zero_stage=1"], "2",
+     "= 2 x 2 = 4 must divide the 2 ranks"),
+    (["parallel.pipeline_stages=2", "parallel.zero_stage=2"], "2",
+     "parallel.zero_stage=2 cannot be combined with pipeline or tensor parallelism (allowed: 0 or 1)"),
+    (["parallel.tensor_parallel=3", "parallel.zero_stage=1"], "3",
+     "parallel.tensor_parallel=3 must divide the attention heads of every stage of swin_debug (2, 4)"),
+    (["parallel.pipeline_stages=8", "parallel.zero_stage=1"], "8",
+     "parallel.pipeline_stages=8 exceeds the 7 pipeline layers of swin_debug"),
+    (["parallel.tensor_parallel=0"], "1", "parallel.tensor_parallel=0 must be >= 1"),
+    (["parallel.tensor_parallel=2", "parallel.zero_stage=1", "batch.global_batch=48"], "2",
+     "batch.global_batch=48 must be a multiple of batch.micro_batch x data-parallel ranks = 32 x 1 = 32"),
 ])
 def test_impossible_combinations(shards, overrides, world, fragment):
     assert fragment in error_of(shards, *overrides, world=world)

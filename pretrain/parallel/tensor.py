@@ -66,9 +66,15 @@ def merge(shards: list[torch.Tensor], rule: int | str) -> torch.Tensor:
     return torch.cat(shards, dim=rule)
 
 
-def _parallel_linear(linear: nn.Linear, kind: str, rank: int, size: int, rule: int | str) -> nn.Module:
-    """fairscale's column- or row-parallel copy of `linear`, holding this rank's shard of its weights."""
+def _parallel_linear(linear: nn.Linear, kind: str, rank: int, size: int, rule: int | str,
+                     shapes_only: bool = False) -> nn.Module:
+    """fairscale's column- or row-parallel copy of `linear`, holding this rank's shard of its weights
+    (`shapes_only`: a plain layer of the shard's shape, which communicates nothing)."""
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if shapes_only:
+        out_features, in_features = shard(linear.weight, rule, rank, size).shape
+        return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=linear.weight.device)
 
     keep = lambda weight: weight  # noqa: E731 -- the weights are overwritten with the shard below
     if kind == "column":
@@ -93,13 +99,15 @@ def _split_parameter(module: nn.Module, attr: str, rank: int, size: int, rule: i
     setattr(module, attr, part)
 
 
-def _swinv2_attention(attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _swinv2_attention(attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      communicate: bool = True) -> torch.Tensor:
     """SwinV2 window attention over this rank's heads (timm's computation; its own forward
     assumes all heads are local and bypasses the qkv layer's module)."""
     from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
 
     b, n, _ = x.shape
-    x = copy_to_model_parallel_region(x)  # identity forward; all-reduces the input's gradient
+    if communicate:
+        x = copy_to_model_parallel_region(x)  # identity forward; all-reduces the input's gradient
     bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
     qkv = F.linear(x, attn.qkv.weight, bias).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
@@ -118,28 +126,32 @@ def _swinv2_attention(attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Ten
     return attn.proj_drop(attn.proj(x))
 
 
-def apply_tensor_parallel(model: nn.Module, rank: int, size: int) -> list[str]:
+def apply_tensor_parallel(model: nn.Module, rank: int, size: int, shapes_only: bool = False) -> list[str]:
     """Replace every Swin block's attention and MLP of `model` by rank `rank`'s shard; returns
-    the names of the modules changed. A no-op for `size` 1."""
+    the names of the modules changed. A no-op for `size` 1.
+
+    `shapes_only` builds a rank's shapes without fairscale's communicating layers, for the
+    memory planner, which traces one rank's model in a single process.
+    """
     if size == 1:
         return []
     changed = []
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
         if kind in ("SwinTransformerBlock", "SwinTransformerV2Block"):
-            _split_attention(module.attn, rank, size, is_v2=kind == "SwinTransformerV2Block")
+            _split_attention(module.attn, rank, size, kind == "SwinTransformerV2Block", shapes_only)
             mlp = module.mlp
-            mlp.fc1 = _parallel_linear(mlp.fc1, "column", rank, size, SPLITS["mlp.fc1.weight"])
-            mlp.fc2 = _parallel_linear(mlp.fc2, "row", rank, size, SPLITS["mlp.fc2.weight"])
+            mlp.fc1 = _parallel_linear(mlp.fc1, "column", rank, size, SPLITS["mlp.fc1.weight"], shapes_only)
+            mlp.fc2 = _parallel_linear(mlp.fc2, "row", rank, size, SPLITS["mlp.fc2.weight"], shapes_only)
             changed.append(name)
     return changed
 
 
-def _split_attention(attn: nn.Module, rank: int, size: int, is_v2: bool) -> None:
+def _split_attention(attn: nn.Module, rank: int, size: int, is_v2: bool, shapes_only: bool) -> None:
     if attn.num_heads % size:
         raise ValueError(f"{attn.num_heads} attention heads cannot be split over {size} tensor-parallel ranks")
-    attn.qkv = _parallel_linear(attn.qkv, "column", rank, size, "qkv")
-    attn.proj = _parallel_linear(attn.proj, "row", rank, size, SPLITS["attn.proj.weight"])
+    attn.qkv = _parallel_linear(attn.qkv, "column", rank, size, "qkv", shapes_only)
+    attn.proj = _parallel_linear(attn.proj, "row", rank, size, SPLITS["attn.proj.weight"], shapes_only)
     attn.num_heads //= size
     if not is_v2:
         _split_parameter(attn, "relative_position_bias_table", rank, size, 1)
@@ -149,5 +161,5 @@ def _split_attention(attn: nn.Module, rank: int, size: int, is_v2: bool) -> None
         _split_parameter(attn, "q_bias", rank, size, 0)
         _split_parameter(attn, "v_bias", rank, size, 0)
         attn.register_buffer("k_bias", torch.zeros_like(attn.q_bias.detach()), persistent=False)
-    attn.cpb_mlp[2] = _parallel_linear(attn.cpb_mlp[2], "column", rank, size, 0)
-    attn.forward = functools.partial(_swinv2_attention, attn)
+    attn.cpb_mlp[2] = _parallel_linear(attn.cpb_mlp[2], "column", rank, size, 0, shapes_only)
+    attn.forward = functools.partial(_swinv2_attention, attn, communicate=not shapes_only)

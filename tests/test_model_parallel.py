@@ -1,0 +1,115 @@
+"""Pipeline and tensor parallelism: real runs (gloo, 2 and 4 processes) through pretrain/main.py.
+
+Every layout below has one data-parallel replica, so each reads exactly the data a single
+process reads: with the same seed and global batch the losses, the evaluation and the
+exported weights must agree with the single-process run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import BIN, REPO, free_port, metrics, run, train, train_losses
+
+pytestmark = pytest.mark.slow
+
+# name -> (processes, overrides): the same fp32 run under each model-parallel layout.
+LAYOUTS = {
+    "single": (1, []),
+    "tensor2": (2, ["parallel.tensor_parallel=2"]),
+    "pipeline2": (2, ["parallel.pipeline_stages=2"]),
+    "pipeline2_tensor2": (4, ["parallel.pipeline_stages=2", "parallel.tensor_parallel=2"]),
+}
+COMMON = ["precision=fp32", "parallel.zero_stage=1", "model.drop_path=0", "batch.global_batch=32",
+          "eval.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory, shards) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("layouts")
+    runs = {}
+    for name, (nproc, overrides) in LAYOUTS.items():
+        run_dir = root / name
+        train(run_dir, shards, *COMMON, *overrides, nproc=nproc, launcher="deepspeed" if nproc > 1 else "python")
+        run(["python", "-m", "pretrain.export", "--run", str(run_dir), "--out", str(run_dir / "export")])
+        runs[name] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n != "single"])
+def test_loss_and_evaluation_match_one_process(layout_runs, layout):
+    reference = train_losses(layout_runs["single"])
+    losses = train_losses(layout_runs[layout])
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4), f"{layout} step {step}"
+    evals = [m for m in metrics(layout_runs[layout]) if "eval/top1" in m]
+    reference_evals = [m for m in metrics(layout_runs["single"]) if "eval/top1" in m]
+    assert [m["step"] for m in evals] == [2, 4]  # mid-run evaluation, then training goes on
+    for ours, theirs in zip(evals, reference_evals):
+        assert ours["eval/samples"] == theirs["eval/samples"] == 179  # every sample once
+        assert ours["eval/loss"] == pytest.approx(theirs["eval/loss"], rel=1e-4)
+        assert ours["eval/top1"] == pytest.approx(theirs["eval/top1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n != "single"])
+def test_exports_of_every_layout_hold_the_same_weights(layout_runs, layout):
+    reference = load_file(layout_runs["single"] / "export" / "model.safetensors")
+    weights = load_file(layout_runs[layout] / "export" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert weights[name].shape == tensor.shape, name
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pipeline_checkpoint_resumes_and_refuses_another_layout(layout_runs, tmp_path, shards):
+    run_dir = tmp_path / "pipeline"
+    common = [*COMMON, "parallel.pipeline_stages=2"]
+    train(run_dir, shards, *common, "schedule.total_steps=2")
+    out = train(run_dir, shards, *common, "schedule.total_steps=4").stdout
+    assert "resumed from step 2" in out
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
+    proc = train(run_dir, shards, *COMMON, "parallel.tensor_parallel=2", "schedule.total_steps=6", check=False)
+    assert proc.returncode == 2
+    assert "parallel.pipeline_stages=1: checkpoint" in proc.stdout + proc.stderr
+    assert "was saved with pipeline_stages=2" in proc.stdout + proc.stderr
+
+
+def test_simmim_swinv2_under_tensor_and_pipeline_parallelism(tmp_path, shards):
+    """SwinV2 (continuous position bias, per-head logit scale) split by heads, and SimMIM cut
+    into a pipeline, both in bf16, against one process."""
+    runs = {}
+    for name, nproc, overrides in [("single", 1, []), ("tensor2", 2, ["parallel.tensor_parallel=2"]),
+                                   ("pipeline2", 2, ["parallel.pipeline_stages=2"])]:
+        run_dir = tmp_path / name
+        args = ["model.arch=swinv2_debug", "parallel.zero_stage=1", "batch.global_batch=32", *overrides]
+        train(run_dir, shards, *args, config="configs/demo_simmim.yaml", nproc=nproc,
+              launcher="deepspeed" if nproc > 1 else "python")
+        runs[name] = run_dir
+    reference = train_losses(runs["single"])
+    for name in ("tensor2", "pipeline2"):
+        for step, loss in train_losses(runs[name]).items():
+            assert loss == pytest.approx(reference[step], rel=2e-2), f"{name} step {step}"
+        assert final_eval_loss(runs[name]) == pytest.approx(final_eval_loss(runs["single"]), rel=2e-2)
+
+
+def final_eval_loss(run_dir: Path) -> float:
+    return [m for m in metrics(run_dir) if "eval/loss" in m][-1]["eval/loss"]
+
+
+@pytest.mark.parametrize("arch", ["swin_debug", "swinv2_debug"])
+def test_tensor_parallel_blocks_compute_the_same_function(arch):
+    """Outputs and every gradient (shards put back together) of a 2-way split model equal the
+    whole model's, in fp32."""
+    port = free_port()
+    proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+                str(REPO / "tests" / "tensor_parallel_check.py"), arch])
+    assert proc.stdout.count("max output difference") == 2, proc.stdout
+    assert proc.stdout.count("max gradient difference") == 2, proc.stdout
+    for line in proc.stdout.splitlines():
+        if line.startswith("max"):
+            assert float(line.rsplit(" ", 1)[1]) < 1e-5, line
