@@ -1,9 +1,12 @@
 """Memory planner: what one rank holds for a config on N GPUs, and whether it fits.
 
-    python -m pretrain.plan --config configs/swinv2_g_simmim_22k.yaml --gpus 64 --gpu-mem-gb 80
+    python -m pretrain.plan --config configs/swinv2_g_simmim_22k.yaml --gpus 8 --gpu-mem-gb 80
     python -m pretrain.plan --config configs/swin_l_22k.yaml --gpus 16 --gpu-mem-gb 40 --set model.img_size=384
 
-Per rank, with P parameters and D data-parallel ranks (DeepSpeed's mixed-precision layout):
+N GPUs = D data-parallel x S pipeline stages x T tensor-parallel ranks. A rank holds the
+tensor-parallel shard (1/T of every block's attention and MLP) of one pipeline stage's
+layers, cut as DeepSpeed cuts them; the plan is for the most loaded stage. Per rank, with
+P the parameters it holds (DeepSpeed's mixed-precision layout):
 - weights: 2P bytes in bf16/fp16 (4P in fp32); ZeRO-3 keeps P/D of them;
 - gradients: with ZeRO, the fp32 gradients of the rank's optimizer partition, 4P/D, plus
   for ZeRO-1 the whole low-precision gradients, 2P (ZeRO-2/3 pass them through the bucket
@@ -11,18 +14,21 @@ Per rank, with P parameters and D data-parallel ranks (DeepSpeed's mixed-precisi
 - optimizer: fp32 master weights and AdamW's two moments, 12P (ZeRO-1/2/3: /D; none on the
   device with `parallel.offload_optimizer`);
 - buckets: ZeRO's gradient-reduction bucket, `parallel.bucket_size` elements (ZeRO 1-3);
-- activations: not a formula. The model (with its checkpointing and sequential attention)
-  runs one forward pass on the meta device, which allocates nothing, while autograd's
-  saved-tensor hook adds up what the backward pass will need; a checkpointed block also
-  needs all of its activations again while it is recomputed, when the blocks after it are
-  already freed, and the gradients in flight add about one largest activation. The saved
-  tensors are exact; the peak is checked against memory measured on CPU in the tests.
+- activations: not a formula. The rank's model (its shard, with its checkpointing and
+  sequential attention) runs one forward pass through the pipeline layers on the meta
+  device, which allocates nothing, while autograd's saved-tensor hook adds up what the
+  backward pass will need; a checkpointed block also needs all of its activations again
+  while it is recomputed, when the layers after it are already freed, and the gradients in
+  flight add about one largest activation. A pipeline stage holds up to S - stage
+  micro-batches in flight. The saved tensors are exact; the peak is checked against memory
+  measured on CPU in the tests.
 - reserve: 10% of the device for the CUDA context, allocator fragmentation and
   communication buffers.
 
 When the configured layout does not fit, the cheapest one that does is suggested, trying
 in order of cost: more ZeRO (1, 2, 3), then activation checkpointing (every 2nd block,
-every block), then a smaller micro-batch (more accumulation), then optimizer offload.
+every block), then a smaller micro-batch (more accumulation), then tensor parallelism
+(2, 4, 8 ranks of a node), then pipeline stages, and last optimizer offload.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,36 +67,39 @@ class Estimate:
 
 
 def _build(cfg: Config, num_classes: int, checkpointing: bool = True) -> torch.nn.Module:
-    """The training module on the meta device, with the config's memory options applied."""
+    """One rank's training module on the meta device: its tensor-parallel shard (first rank),
+    with the config's memory options applied in the engine's order."""
     from pretrain.models.objectives import build_objective
-    from pretrain.train.trainer import DTYPES
     from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
     from pretrain.parallel.sequential_attention import apply_sequential_attention
+    from pretrain.parallel.tensor import apply_tensor_parallel
+    from pretrain.train.trainer import DTYPES
 
     with torch.device("meta"):
         model = build_objective(cfg, num_classes).build_model()
-    p = cfg.parallel
+        p = cfg.parallel
+        apply_tensor_parallel(model, 0, p.tensor_parallel, shapes_only=True)
     if checkpointing:
         apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k)
     apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
     return model.to(DTYPES[cfg.precision]).train()
 
 
-def _trace(model: torch.nn.Module, cfg: Config, micro: int) -> tuple[int, int, list[int], int]:
-    """One forward on the meta device, counting what autograd saves for the backward pass.
+def _trace(model: torch.nn.Module, cfg: Config, micro: int) -> tuple[list[int], int]:
+    """One forward through the model's pipeline layers on the meta device, counting what
+    autograd saves for the backward pass.
 
-    Returns (bytes saved in all, bytes saved before the first Swin block, bytes saved by
-    each Swin block, largest single saved buffer).
+    Returns (bytes saved by each pipeline layer, largest single saved buffer).
     """
-    from pretrain.parallel.activation_ckpt import swin_blocks
+    from pretrain.parallel.pipeline import pipeline_layers
 
     encoder = getattr(model, "encoder", model)
     img = encoder.patch_embed.img_size[0]
     dtype = next(model.parameters()).dtype
-    inputs = [torch.empty(micro, 3, img, img, device="meta", dtype=dtype)]
+    x: tuple[torch.Tensor, ...] = (torch.empty(micro, 3, img, img, device="meta", dtype=dtype),)
     if cfg.objective.kind == "simmim":
         grid = img // encoder.patch_embed.patch_size[0]
-        inputs.append(torch.zeros(micro, grid, grid, device="meta", dtype=torch.uint8))
+        x += (torch.zeros(micro, grid, grid, device="meta", dtype=torch.uint8),)
 
     # Count storages, not tensors: views of one buffer saved by several ops cost it once, and
     # weights saved for the backward pass are the parameters themselves, counted elsewhere.
@@ -105,43 +115,90 @@ def _trace(model: torch.nn.Module, cfg: Config, micro: int) -> tuple[int, int, l
             largest = max(largest, storage.nbytes())
         return t
 
-    marks: list[int] = []  # saved bytes at the start and end of every block
-    hooks = []
-    for block in swin_blocks(model):
-        hooks.append(block.register_forward_pre_hook(lambda *_: marks.append(sum(saved.values()))))
-        hooks.append(block.register_forward_hook(lambda *_: marks.append(sum(saved.values()))))
+    per_layer = []
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(*inputs)
-    for hook in hooks:
-        hook.remove()
-    per_block = [end - start for start, end in zip(marks[::2], marks[1::2])]
-    return sum(saved.values()), marks[0], per_block, largest
+        for layer in pipeline_layers(model):
+            before = sum(saved.values())
+            x = layer(x)
+            per_layer.append(sum(saved.values()) - before)
+    return per_layer, largest
+
+
+@dataclass
+class Activations:
+    """What each pipeline layer saves for backward, as configured (`kept`) and without checkpointing (`full`)."""
+
+    kept: list[int]
+    full: list[int]
+    largest: int
+
+    def peak(self, layers: range, in_flight: int = 1) -> float:
+        """Peak activation bytes of a run of layers holding `in_flight` micro-batches.
+
+        The backward pass frees the layers after the one it is in, so one micro-batch peaks at
+        the larger of everything saved (when backward starts) and, for every layer, what the
+        layers before it keep plus all of its own activations (rebuilt if it is checkpointed);
+        the gradients in flight add about one largest activation. A pipeline stage holds the
+        saved activations of up to (stages - stage) micro-batches (DeepSpeed's 1F1B schedule).
+        """
+        held = sum(self.kept[i] for i in layers)
+        peak, prefix = held, 0
+        for i in layers:
+            peak = max(peak, prefix + self.full[i])
+            prefix += self.kept[i]
+        return (in_flight - 1) * held + peak + self.largest
+
+
+def activations(cfg: Config, num_classes: int, micro: int) -> Activations:
+    kept, _ = _trace(_build(cfg, num_classes), cfg, micro)
+    # The largest buffer counts as it exists while a block runs, rebuilt or not.
+    full, largest = _trace(_build(cfg, num_classes, checkpointing=False), cfg, micro)
+    return Activations(kept, full, largest)
 
 
 def activation_bytes(cfg: Config, num_classes: int, micro: int) -> float:
-    """Peak activation memory of one micro-batch in a training step.
+    """Peak activation memory of one micro-batch through the whole model in a training step."""
+    a = activations(cfg, num_classes, micro)
+    return a.peak(range(len(a.kept)))
 
-    The backward pass frees the blocks after the one it is in, so the peak is the larger of
-    everything saved (when backward starts) and, for every block, what the blocks before it
-    keep plus all of its own activations (rebuilt if it is checkpointed); the gradients in
-    flight add about one largest activation.
-    """
-    total, before, kept, _ = _trace(_build(cfg, num_classes), cfg, micro)
-    _, _, full, largest = _trace(_build(cfg, num_classes, checkpointing=False), cfg, micro)
-    peak, prefix = total, before
-    for kept_i, full_i in zip(kept, full):
-        peak = max(peak, prefix + full_i)
-        prefix += kept_i
-    return peak + largest
+
+def stage_ranges(cfg: Config, num_classes: int) -> list[range]:
+    """The pipeline layers of each stage, cut as DeepSpeed cuts them."""
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    from pretrain.parallel.pipeline import pipeline_layers
+
+    layers = pipeline_layers(_build(cfg, num_classes, checkpointing=False))
+    stages = cfg.parallel.pipeline_stages
+    if cfg.parallel.pipeline_partition == "uniform":
+        parts = partition_uniform(num_items=len(layers), num_parts=stages)
+    else:
+        counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+        parts = partition_balanced(weights=counts, num_parts=stages)
+    return [range(parts[s], parts[s + 1]) for s in range(stages)]
 
 
 def estimate(cfg: Config, num_classes: int, gpus: int) -> Estimate:
-    """Per-rank memory of `cfg` trained with pure data parallelism over `gpus` ranks."""
-    from pretrain.models.objectives import build_objective
+    """Per-rank memory of `cfg` on `gpus` ranks: the rank of the most loaded pipeline stage."""
+    from pretrain.parallel.pipeline import pipeline_layers
 
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_objective(cfg, num_classes).build_model().parameters())
-    stage, dp = cfg.parallel.zero_stage, gpus
+    p = cfg.parallel
+    dp = gpus // (p.pipeline_stages * p.tensor_parallel)
+    model = _build(cfg, num_classes, checkpointing=False)
+    layer_params = [sum(q.numel() for q in layer.parameters()) for layer in pipeline_layers(model)]
+    acts = activations(cfg, num_classes, cfg.batch.micro_batch)
+    accumulation = max(1, cfg.batch.global_batch // (cfg.batch.micro_batch * dp))
+    worst = None
+    for stage, layers in enumerate(stage_ranges(cfg, num_classes)):
+        in_flight = min(p.pipeline_stages - stage, accumulation)
+        e = _state_bytes(cfg, sum(layer_params[i] for i in layers), dp, acts.peak(layers, in_flight))
+        worst = e if worst is None or e.total > worst.total else worst
+    return worst
+
+
+def _state_bytes(cfg: Config, params: int, dp: int, activation: float) -> Estimate:
+    """Weights, gradients, optimizer state and buckets of a rank holding `params` parameters."""
+    stage = cfg.parallel.zero_stage
     low = 4 if cfg.precision == "fp32" else 2
     weights = low * params / (dp if stage == 3 else 1)
     if stage == 0:  # whole gradients, plus their fp32 copy under mixed precision
@@ -153,36 +210,50 @@ def estimate(cfg: Config, num_classes: int, gpus: int) -> Estimate:
     per_param = 8 if cfg.precision == "fp32" else 12  # AdamW moments (+ fp32 master weights)
     optimizer = 0.0 if cfg.parallel.offload_optimizer else per_param * params / (dp if stage >= 1 else 1)
     buckets = low * cfg.parallel.bucket_size if stage >= 1 else 0.0
-    return Estimate(weights, gradients, optimizer, buckets, activation_bytes(cfg, num_classes, cfg.batch.micro_batch),
-                    params)
+    return Estimate(weights, gradients, optimizer, buckets, activation, params)
 
 
 def fits(e: Estimate, gpu_mem_gb: float) -> bool:
     return e.total <= (1 - RESERVE) * gpu_mem_gb * GB
 
 
+# Model-parallel layouts (pipeline, tensor) in order of cost: none, then tensor parallelism
+# within a node (its all-reduces need the node's fast links), then pipeline stages across nodes.
+MODEL_PARALLEL = ((1, 1), (1, 2), (1, 4), (1, 8), (2, 8), (4, 8), (8, 8))
+
+
 def candidates(cfg: Config, gpus: int):
     """Configs of other layouts in order of cost, all with the same global batch."""
+    from pretrain.models.backbones import BACKBONES
+
+    heads = BACKBONES[cfg.model.arch].num_heads
     micro = cfg.batch.micro_batch
     micros = [m for m in (micro, micro // 2, micro // 4, micro // 8, 1) if m >= 1]
     for offload in (False, True):
-        for m in dict.fromkeys(micros):
-            for ckpt in (("none", 1), ("every_k", 2), ("blocks", 1)):
-                for stage in (1, 2, 3):
-                    c = copy.deepcopy(cfg)
-                    c.parallel.zero_stage, c.parallel.offload_optimizer = stage, offload
-                    c.parallel.activation_checkpointing, c.parallel.checkpoint_every_k = ckpt
-                    c.batch.micro_batch = m
-                    if c.batch.global_batch % (m * gpus):
-                        continue
-                    yield c
+        for pipeline, tensor in MODEL_PARALLEL:
+            if gpus % (pipeline * tensor) or any(h % tensor for h in heads):
+                continue
+            dp = gpus // (pipeline * tensor)
+            for m in dict.fromkeys(micros):
+                for ckpt in (("none", 1), ("every_k", 2), ("blocks", 1)):
+                    for stage in (1, 2, 3) if pipeline * tensor == 1 else (1,):
+                        c = copy.deepcopy(cfg)
+                        c.parallel.zero_stage, c.parallel.offload_optimizer = stage, offload
+                        c.parallel.pipeline_stages, c.parallel.tensor_parallel = pipeline, tensor
+                        c.parallel.activation_checkpointing, c.parallel.checkpoint_every_k = ckpt
+                        c.batch.micro_batch = m
+                        if c.batch.global_batch % (m * dp):
+                            continue
+                        yield c
 
 
 def describe(cfg: Config) -> str:
     p = cfg.parallel
     ckpt = {"none": "no checkpointing", "blocks": "checkpointing every block",
             "every_k": f"checkpointing one block in {p.checkpoint_every_k}"}[p.activation_checkpointing]
-    return (f"ZeRO-{p.zero_stage}{' + optimizer offload' if p.offload_optimizer else ''}, {ckpt}, "
+    model_parallel = "".join([f"{p.pipeline_stages} pipeline stages, " if p.pipeline_stages > 1 else "",
+                              f"tensor parallel {p.tensor_parallel}, " if p.tensor_parallel > 1 else ""])
+    return (f"{model_parallel}ZeRO-{p.zero_stage}{' + optimizer offload' if p.offload_optimizer else ''}, {ckpt}, "
             f"micro-batch {cfg.batch.micro_batch}")
 
 
@@ -194,6 +265,10 @@ def settings(cfg: Config) -> str:
         sets.append(f"parallel.checkpoint_every_k={p.checkpoint_every_k}")
     if p.offload_optimizer:
         sets.append("parallel.offload_optimizer=true")
+    if p.pipeline_stages > 1:
+        sets.append(f"parallel.pipeline_stages={p.pipeline_stages}")
+    if p.tensor_parallel > 1:
+        sets.append(f"parallel.tensor_parallel={p.tensor_parallel}")
     return " ".join(f"--set {s}" for s in sets)
 
 
@@ -206,12 +281,19 @@ def num_classes_of(cfg: Config) -> int:
     return IN22K_CLASSES
 
 
-def without_checkpointing(cfg: Config, num_classes: int) -> str:
+def without_checkpointing(cfg: Config, num_classes: int, gpus: int) -> str:
     if cfg.parallel.activation_checkpointing == "none":
         return ""
     plain = copy.deepcopy(cfg)
     plain.parallel.activation_checkpointing = "none"
-    return f" ({activation_bytes(plain, num_classes, cfg.batch.micro_batch) / GB:.2f} GB without checkpointing)"
+    return f" ({estimate(plain, num_classes, gpus).activations / GB:.2f} GB without checkpointing)"
+
+
+def total_parameters(cfg: Config, num_classes: int) -> int:
+    from pretrain.models.objectives import build_objective
+
+    with torch.device("meta"):
+        return sum(q.numel() for q in build_objective(cfg, num_classes).build_model().parameters())
 
 
 def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
@@ -219,15 +301,18 @@ def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
     classes = num_classes_of(cfg)
     e = estimate(cfg, classes, gpus)
     ok = fits(e, gpu_mem_gb)
+    p = cfg.parallel
+    dp = gpus // (p.pipeline_stages * p.tensor_parallel)
     lines = [
-        f"{cfg.model.arch} ({e.parameters / 1e6:,.1f}M parameters), {cfg.objective.kind}, {cfg.precision}, "
-        f"{gpus} data-parallel rank{'s' if gpus > 1 else ''}, {describe(cfg)}",
-        "per rank:",
+        f"{cfg.model.arch} ({total_parameters(cfg, classes) / 1e6:,.1f}M parameters), {cfg.objective.kind}, "
+        f"{cfg.precision}, {gpus} GPU{'s' if gpus > 1 else ''} = {dp} data-parallel x {p.pipeline_stages} pipeline x "
+        f"{p.tensor_parallel} tensor, {describe(cfg)}",
+        f"per rank (the most loaded one, {e.parameters / 1e6:,.1f}M parameters):",
         f"  weights      {e.weights / GB:8.2f} GB",
         f"  gradients    {e.gradients / GB:8.2f} GB",
         f"  optimizer    {e.optimizer / GB:8.2f} GB",
         f"  buckets      {e.buckets / GB:8.2f} GB",
-        f"  activations  {e.activations / GB:8.2f} GB{without_checkpointing(cfg, classes)}",
+        f"  activations  {e.activations / GB:8.2f} GB{without_checkpointing(cfg, classes, gpus)}",
         f"  total        {e.total / GB:8.2f} GB of {gpu_mem_gb:g} GB ({100 * RESERVE:.0f}% kept free): "
         + ("fits" if ok else "does NOT fit"),
     ]
@@ -239,7 +324,7 @@ def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
                 lines.append(f"  {settings(c)}")
                 break
         else:
-            lines.append("no data-parallel layout fits: use more or larger GPUs, or a smaller model or image size")
+            lines.append("no layout fits: use more or larger GPUs, or a smaller model or image size")
     return "\n".join(lines), ok
 
 
@@ -250,13 +335,9 @@ def measure_step(cfg: Config, num_classes: int) -> float:
     plus the most a second step adds on top: the figure `estimate(cfg, classes, 1).total`
     predicts. GPU: CUDA's allocator; CPU: the profiler's allocation records.
     """
-    import os
-
     from pretrain.bench.memory import peak_allocated
     from pretrain.bench.step import training_step
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg.batch.global_batch = cfg.batch.micro_batch
     if torch.cuda.is_available():
         step = training_step(cfg, num_classes)
@@ -273,11 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--gpus", type=int, required=True, help="total number of GPUs (data-parallel ranks)")
+    ap.add_argument("--gpus", type=int, required=True, help="total number of GPUs (all ranks of the run)")
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GB")
     ap.add_argument("--measure", action="store_true",
                     help="also run one training step of the config here (one rank) and compare with the plan")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's partitioning helpers are used on CPU too
     try:
         cfg = load_config(args.config, args.overrides, check=False)
         from pretrain.validation import validate

@@ -67,3 +67,20 @@ def test_plan_reports_config_errors_in_one_line():
     assert proc.stderr.strip().splitlines() == [
         "config error: batch.global_batch=64 must be a multiple of batch.micro_batch x data-parallel ranks "
         "= 32 x 3 = 96"]
+
+
+def test_pipeline_and_tensor_parallel_plans_hold_a_share_of_the_model():
+    args = ["--config", "configs/swinv2_g_simmim_22k.yaml", "--gpus", "8", "--gpu-mem-gb", "80"]
+    whole = plan(*args).stdout
+    split = plan(*args, "--set", "parallel.pipeline_stages=2", "--set", "parallel.tensor_parallel=2").stdout
+    assert "8 GPUs = 2 data-parallel x 2 pipeline x 2 tensor" in split, split
+
+    def per_rank(out: str, what: str) -> float:
+        return float(re.search(rf"{what}\s*([0-9.,]+)", out).group(1).replace(",", ""))
+
+    total = per_rank(whole, r"swinv2_g \(")
+    held = per_rank(split, "the most loaded one,")
+    # Blocks hold almost all weights and are split 4 ways; stages are balanced by parameters.
+    assert total / 4 <= held <= total / 4 * 1.1, split
+    assert per_rank(split, "weights") < per_rank(whole, "weights") / 3.5
+    assert per_rank(split, "activations") < per_rank(whole, "activations")
