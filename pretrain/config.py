@@ -129,8 +129,9 @@ class ParallelConfig:
     attention_chunk_windows: int = field(64, "Windows per chunk of sequential_attention.")
     pipeline_stages: int = field(1, "Pipeline-parallel degree: the model is cut into this many consecutive stages "
                                     "(DeepSpeed PipelineModule); needs zero_stage 0 or 1.")
-    pipeline_partition: Literal["parameters", "uniform"] = field(
-        "parameters", "How layers are balanced over pipeline stages: by parameter count, or by layer count.")
+    pipeline_partition: Literal["flops", "parameters", "uniform"] = field(
+        "flops", "How layers are balanced over pipeline stages: by forward FLOPs (compute), parameter count "
+                 "(memory) or layer count.")
     tensor_parallel: int = field(1, "Tensor-parallel degree: each block's attention heads and MLP hidden units are "
                                     "split over this many ranks (fairscale layers); needs zero_stage 0 or 1.")
 

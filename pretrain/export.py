@@ -27,7 +27,6 @@ import torch
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.models.backbones import BACKBONES, build_backbone, resolve_geometry
 from pretrain.models.objectives import OBJECTIVES
-from pretrain.parallel.pipeline import full_names, pipeline_layers
 from pretrain.parallel.tensor import merge, split_rule
 from pretrain.train.checkpoint import LAYOUT, checkpoint_dir, latest_tag
 
@@ -77,6 +76,8 @@ def _model_parallel_state_dict(cfg: Config, tag_dir: Path, stages: int, tensor: 
     These are the module's weights as trained, in the training precision (bf16 runs keep
     their fp32 master copy only in DeepSpeed's partitioned optimizer state).
     """
+    from pretrain.parallel.pipeline import full_names, pipeline_layers
+
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tensor)]
     if stages == 1:
         for rank in range(tensor):

@@ -163,19 +163,14 @@ def activation_bytes(cfg: Config, num_classes: int, micro: int) -> float:
 
 
 def stage_ranges(cfg: Config, num_classes: int) -> list[range]:
-    """The pipeline layers of each stage, cut as DeepSpeed cuts them."""
-    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+    """The pipeline layers of each stage, cut as the run cuts them."""
+    from pretrain.parallel.pipeline import layer_flops, pipeline_layers, stage_bounds
 
-    from pretrain.parallel.pipeline import pipeline_layers
-
-    layers = pipeline_layers(_build(cfg, num_classes, checkpointing=False))
-    stages = cfg.parallel.pipeline_stages
-    if cfg.parallel.pipeline_partition == "uniform":
-        parts = partition_uniform(num_items=len(layers), num_parts=stages)
-    else:
-        counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
-        parts = partition_balanced(weights=counts, num_parts=stages)
-    return [range(parts[s], parts[s + 1]) for s in range(stages)]
+    model = _build(cfg, num_classes, checkpointing=False)
+    method = cfg.parallel.pipeline_partition
+    bounds = stage_bounds(method, pipeline_layers(model), cfg.parallel.pipeline_stages,
+                          layer_flops(model) if method == "flops" else None)
+    return [range(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
 
 def estimate(cfg: Config, num_classes: int, gpus: int) -> Estimate:

@@ -5,10 +5,12 @@ The model is flattened into a list of layers, in forward order:
     embed (patch embedding [+ SimMIM mask token]) -> [patch merging] -> block -> ... -> head
     (final norm + classifier head, or final norm + SimMIM decoder)
 
-and DeepSpeed gives each pipeline stage a consecutive run of them, balanced by parameter
-count or by layer count (`parallel.pipeline_partition`). The layers wrap the model's own
-modules, so activation checkpointing, sequential attention and tensor parallelism applied
-to the blocks before the cut still hold.
+and each pipeline stage gets a consecutive run of them (`parallel.pipeline_partition`):
+balanced by forward FLOPs (counted once on the meta device; Swin's blocks cost about the
+same in every stage while their parameter counts grow 4x per stage, so this balances the
+stages' compute), by parameter count (balances weights and optimizer state), or by layer
+count. The layers wrap the model's own modules, so activation checkpointing, sequential
+attention and tensor parallelism applied to the blocks before the cut still hold.
 
 A micro-batch travels through the pipeline as one tuple `(x, *carry)`: `carry` holds the
 loss targets (and, in evaluation, the valid-row mask), passed along unchanged from the
@@ -26,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
 
 class Embed(nn.Module):
@@ -89,6 +93,41 @@ def pipeline_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def example_inputs(model: nn.Module, micro: int, dtype: torch.dtype, device: Any = None) -> tuple[torch.Tensor, ...]:
+    """A first-stage micro-batch of blank inputs for `model`: images (and SimMIM masks)."""
+    encoder = getattr(model, "encoder", model)
+    img = encoder.patch_embed.img_size[0]
+    inputs: tuple[torch.Tensor, ...] = (torch.zeros(micro, 3, img, img, device=device, dtype=dtype),)
+    if hasattr(model, "encoder"):
+        grid = img // encoder.patch_embed.patch_size[0]
+        inputs += (torch.zeros(micro, grid, grid, device=device, dtype=torch.uint8),)
+    return inputs
+
+
+def layer_flops(model: nn.Module) -> list[int]:
+    """Forward FLOPs of each pipeline layer of `model` (built on the meta device) for one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = example_inputs(model, 1, next(model.parameters()).dtype, device="meta")
+    costs = []
+    for layer in pipeline_layers(model):
+        with FlopCounterMode(display=False) as counter:
+            x = layer(x)
+        costs.append(counter.get_total_flops())
+    return costs
+
+
+def stage_bounds(method: str, layers: list[nn.Module], stages: int, flops: list[int] | None = None) -> list[int]:
+    """Where the stages start: stage s holds layers bounds[s] .. bounds[s+1]-1 (`flops` for method "flops")."""
+    if method == "uniform":
+        return partition_uniform(num_items=len(layers), num_parts=stages)
+    if method == "parameters":
+        weights = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    else:
+        weights = flops
+    return partition_balanced(weights=weights, num_parts=stages)
+
+
 def full_names(model: nn.Module, layers: list[nn.Module]) -> list[dict[str, str]]:
     """For every layer, its state-dict keys -> the same tensors' keys in `model`."""
     by_tensor = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
@@ -122,11 +161,25 @@ def unpack(carry: list[torch.Tensor]) -> Any:
     return carry[0] if len(carry) == 1 else tuple(carry)
 
 
-def build_pipeline(model: nn.Module, objective: Any, topo: Any, partition: str) -> Any:
-    """`model` as a DeepSpeed PipelineModule over `topo`'s pipeline stages."""
-    from deepspeed.pipe import PipelineModule
+class SwinPipeline(PipelineModule):
+    """DeepSpeed's PipelineModule, cut at the given stage bounds (see `stage_bounds`)."""
 
-    module = PipelineModule(layers=pipeline_layers(model), topology=topo.deepspeed_topology(),
-                            loss_fn=PipelineLoss(objective), partition_method=partition,
-                            activation_checkpoint_interval=0)
-    return module
+    def __init__(self, layers: list[nn.Module], bounds: list[int], **kwargs: Any):
+        self.bounds = bounds  # read by _partition_layers, which PipelineModule.__init__ calls
+        super().__init__(layers=layers, **kwargs)
+
+    def _partition_layers(self, method: str = "") -> None:
+        self.parts = self.bounds
+        self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+
+
+def build_pipeline(model: nn.Module, objective: Any, topo: Any, partition: str) -> SwinPipeline:
+    """`model` as a DeepSpeed pipeline over `topo`'s stages, cut by method `partition`."""
+    layers = pipeline_layers(model)
+    flops = None
+    if partition == "flops":
+        with torch.device("meta"):
+            flops = layer_flops(objective.build_model())
+    return SwinPipeline(layers, stage_bounds(partition, layers, topo.pipeline, flops),
+                        topology=topo.deepspeed_topology(), loss_fn=PipelineLoss(objective),
+                        activation_checkpoint_interval=0)
