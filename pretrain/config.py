@@ -123,6 +123,9 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "blocks", "every_k"] = field(
         "none", "Recompute activations in the backward pass: none, every Swin block, or every k-th block.")
     checkpoint_every_k: int = field(2, "With activation_checkpointing=every_k: recompute blocks 0, k, 2k, ...")
+    partition_activations: bool = field(False, "With checkpointing and tensor_parallel > 1: each kept block input is "
+                                                "split over the tensor-parallel ranks (DeepSpeed).")
+    cpu_checkpointing: bool = field(False, "With checkpointing: kept block inputs wait in CPU memory (DeepSpeed).")
     sequential_attention: list[int] = field([], "Stages (0-based) whose window attention runs a chunk of windows "
                                                 "at a time, each chunk recomputed in backward; caps peak memory "
                                                 "at high resolution with identical results.")

@@ -183,6 +183,12 @@ def validate_layout(cfg: Config, world: int) -> None:
     if model_parallel > 1 and z.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={z.zero_stage} cannot be combined with pipeline or tensor "
                           f"parallelism (allowed: 0 or 1)")
+    if (z.partition_activations or z.cpu_checkpointing) and z.activation_checkpointing == "none":
+        raise ConfigError("parallel.partition_activations / parallel.cpu_checkpointing keep checkpointed block "
+                          "inputs: set parallel.activation_checkpointing to blocks or every_k")
+    if z.partition_activations and z.tensor_parallel == 1:
+        raise ConfigError("parallel.partition_activations=true splits activations over tensor-parallel ranks: "
+                          "set parallel.tensor_parallel > 1")
     uneven = [h for h in spec.num_heads if h % z.tensor_parallel]
     if uneven:
         raise ConfigError(f"parallel.tensor_parallel={z.tensor_parallel} must divide the attention heads of every "

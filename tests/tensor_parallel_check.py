@@ -1,7 +1,9 @@
 """Run by test_model_parallel under torchrun (2 processes): a tensor-parallel Swin against the whole model.
 
-Prints, per rank, the largest difference of the outputs and of the gradients (shards
-gathered and merged back), relative to the largest magnitude of each tensor.
+Prints (rank 0, for both ranks) the largest difference of the outputs and of the gradients
+(shards gathered and merged back) relative to the largest magnitude of each tensor, the same
+for DeepSpeed's activation checkpointing with and without partitioning, and the bytes each
+keeps for the backward pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain.models.backbones import build_backbone  # noqa: E402
+from pretrain.parallel.activation_ckpt import apply_activation_checkpointing  # noqa: E402
 from pretrain.parallel.tensor import apply_tensor_parallel, merge, split_rule  # noqa: E402
 from pretrain.parallel.topology import discover, init_distributed  # noqa: E402
 
@@ -26,16 +29,29 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def block_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    from pretrain.parallel.activation_ckpt import swin_blocks
+
+    seen: list[torch.Tensor] = []
+    hooks = [b.register_forward_pre_hook(lambda _, args: seen.append(args[0])) for b in swin_blocks(model)]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
 def main() -> None:
     topo = discover(tensor=2)
     init_distributed(topo)
+    report: list[str] = []
     torch.manual_seed(0)
     whole = build_backbone(sys.argv[1], 10)
     split = copy.deepcopy(whole)
     assert apply_tensor_parallel(split, topo.tp_rank, topo.tensor)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     expected, got = whole(x), split(x)
-    print(f"max output difference {relative(got, expected):.3g}", flush=True)
+    report.append(f"max output difference {relative(got, expected):.3g}")
     expected.square().sum().backward()
     got.square().sum().backward()
     whole_grads = dict(whole.named_parameters())
@@ -48,7 +64,28 @@ def main() -> None:
             dist.all_gather(parts, grad.contiguous(), group=topo.grid.get_slice_parallel_group())
             grad = merge(parts, rule)
         worst = max(worst, relative(grad, whole_grads[name].grad))
-    print(f"max gradient difference {worst:.3g}", flush=True)
+    report.append(f"max gradient difference {worst:.3g}")
+
+    # Checkpointed blocks keep only their inputs (DeepSpeed's checkpointing); partitioned,
+    # each rank of the tensor-parallel group keeps half of every one.
+    kept = {}
+    for partition in (False, True):
+        model = copy.deepcopy(split)
+        model.zero_grad()
+        apply_activation_checkpointing(model, "blocks", offload=(partition, False, topo))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = model(x)  # bytes still allocated afterwards: what the backward pass will use
+        kept[partition] = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        out.square().sum().backward()
+        grads = dict(split.named_parameters())
+        worst = max(relative(p.grad, grads[n].grad) for n, p in model.named_parameters())
+        report.append(f"max checkpointed gradient difference {worst:.3g}")
+    inputs = sum(x.numel() for x in block_inputs(split, x)) * x.element_size()
+    report.append(f"kept bytes whole {kept[False]} partitioned {kept[True]} block inputs {inputs}")
+    reports: list = [None] * topo.world_size
+    dist.all_gather_object(reports, report)
+    if topo.rank == 0:  # one writer: lines of two processes would interleave
+        print("\n".join(line for lines in reports for line in lines), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

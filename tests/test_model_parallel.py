@@ -7,6 +7,7 @@ exported weights must agree with the single-process run.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -104,12 +105,16 @@ def final_eval_loss(run_dir: Path) -> float:
 @pytest.mark.parametrize("arch", ["swin_debug", "swinv2_debug"])
 def test_tensor_parallel_blocks_compute_the_same_function(arch):
     """Outputs and every gradient (shards put back together) of a 2-way split model equal the
-    whole model's, in fp32."""
+    whole model's, in fp32; with DeepSpeed's partitioned activation checkpointing the
+    gradients stay the same and each rank keeps less for the backward pass."""
     port = free_port()
     proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
                 str(REPO / "tests" / "tensor_parallel_check.py"), arch])
-    assert proc.stdout.count("max output difference") == 2, proc.stdout
-    assert proc.stdout.count("max gradient difference") == 2, proc.stdout
-    for line in proc.stdout.splitlines():
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("max", "kept"))]
+    assert len(lines) == 2 * 5, proc.stdout
+    for line in lines:
         if line.startswith("max"):
             assert float(line.rsplit(" ", 1)[1]) < 1e-5, line
+        else:
+            whole, partitioned, inputs = (int(v) for v in re.findall(r"\d+", line))
+            assert whole - partitioned >= 0.25 * inputs, line

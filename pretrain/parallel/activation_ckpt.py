@@ -12,12 +12,18 @@ Modes (`parallel.activation_checkpointing`):
 torch's non-reentrant checkpoint is used because it gives correct gradients when the block
 input does not require grad (a frozen stem) and with ZeRO-3's parameter hooks, and it
 restores the RNG state so drop-path draws the same masks when the block runs again.
+
+Where the kept block inputs themselves are too large (high resolution, many micro-batches
+in a pipeline), DeepSpeed's checkpointing keeps them elsewhere: `partition_activations`
+splits each one over the tensor-parallel group (every rank holds 1/T and they are
+gathered for the recompute) and `cpu_checkpointing` keeps them in host memory.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -41,11 +47,45 @@ def _recomputed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
     return run
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 1) -> list[int]:
-    """Make the chosen blocks of `model` recompute in backward; returns their indices."""
+def _recomputed_by_deepspeed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    import deepspeed
+
+    @functools.wraps(forward)
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return forward(x)
+        if not x.requires_grad:  # DeepSpeed's (reentrant) checkpoint back-propagates only into inputs that need it
+            x = x.detach().requires_grad_()
+        return deepspeed.checkpointing.checkpoint(forward, x)
+
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 1, offload: Any = None) -> list[int]:
+    """Make the chosen blocks of `model` recompute in backward; returns their indices.
+
+    `offload`: None, or where DeepSpeed keeps the block inputs, as (partition over the
+    tensor-parallel group, keep in CPU memory, the topology).
+    """
     blocks = swin_blocks(model)
     step = {"none": 0, "blocks": 1, "every_k": every_k}[mode]
     chosen = list(range(0, len(blocks), step)) if step else []
+    wrap = _recomputed
+    if offload is not None and chosen:
+        _configure_deepspeed(*offload)
+        wrap = _recomputed_by_deepspeed
     for i in chosen:
-        blocks[i].forward = _recomputed(blocks[i].forward)
+        blocks[i].forward = wrap(blocks[i].forward)
     return chosen
+
+
+def _configure_deepspeed(partition: bool, cpu: bool, topo: Any) -> None:
+    import deepspeed
+
+    # DeepSpeed reads the tensor-parallel group under Megatron's method names.
+    mpu = SimpleNamespace(
+        get_tensor_model_parallel_rank=lambda: topo.tp_rank,
+        get_tensor_model_parallel_world_size=lambda: topo.tensor,
+        get_tensor_model_parallel_group=lambda: topo.grid.get_slice_parallel_group() if topo.grid else None,
+    )
+    deepspeed.checkpointing.configure(mpu, partition_activations=partition, checkpoint_in_cpu=cpu)

@@ -54,7 +54,9 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     freeze(getattr(model, "encoder", model), cfg.optim.frozen)
     p = cfg.parallel
     apply_tensor_parallel(model, topo.tp_rank, topo.tensor)
-    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k)
+    offload = (p.partition_activations, p.cpu_checkpointing, topo) \
+        if p.partition_activations or p.cpu_checkpointing else None
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k, offload)
     apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
     apply_speedups(model, cfg.speed.sdpa_attention, cfg.speed.compile)
     groups, group_names = param_groups(model, cfg.optim.weight_decay)  # named as in the whole model
