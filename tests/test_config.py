@@ -89,6 +89,9 @@ def test_wrong_types(shards, override, expected):
     (["parallel.pipeline_stages=8", "parallel.zero_stage=1"], "8",
      "parallel.pipeline_stages=8 exceeds the 7 pipeline layers of swin_debug"),
     (["parallel.tensor_parallel=0"], "1", "parallel.tensor_parallel=0 must be >= 1"),
+    (["parallel.cpu_checkpointing=true"], "1", "set parallel.activation_checkpointing to blocks or every_k"),
+    (["parallel.partition_activations=true", "parallel.activation_checkpointing=blocks"], "1",
+     "parallel.partition_activations=true splits activations over tensor-parallel ranks"),
     (["parallel.tensor_parallel=2", "parallel.zero_stage=1", "batch.global_batch=48"], "2",
      "batch.global_batch=48 must be a multiple of batch.micro_batch x data-parallel ranks = 32 x 1 = 32"),
 ])

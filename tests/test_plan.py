@@ -54,9 +54,11 @@ def test_a_layout_that_does_not_fit_gets_one_that_does():
 
 
 @pytest.mark.parametrize("config,gpus,arch", [("configs/swinv2_g_simmim_22k.yaml", 64, "swinv2_g"),
-                                              ("configs/swin_l_22k.yaml", 32, "swin_l")])
+                                              ("configs/swinv2_g_simmim_22k.yaml", 8, "swinv2_g"),
+                                              ("configs/swin_l_22k.yaml", 32, "swin_l"),
+                                              ("configs/swin_l_22k.yaml", 8, "swin_l")])
 def test_shipped_recipes_fit_on_their_nodes_of_8x80gb(config, gpus, arch):
-    """The layouts the recipes name, on the node counts of their Slurm scripts."""
+    """The layouts the recipes name, on one node and on the node counts of their Slurm scripts."""
     out = plan("--config", config, "--gpus", str(gpus), "--gpu-mem-gb", "80").stdout
     assert out.startswith(f"{arch} (") and ": fits" in out, out
 

@@ -3,7 +3,8 @@
 The trainer only talks to this interface, so both objectives share one entry point:
 - `build_model()`: the module DeepSpeed wraps;
 - `prepare(images, batch, training)`: model inputs and loss targets from a normalized batch;
-- `loss(outputs, targets)`, and `eval_sums` / `eval_metrics` for evaluation;
+- `loss(outputs, targets)`, and `eval_sums` (a vector of `eval_sums_size` sums, added up
+  over batches and ranks) / `eval_metrics` for evaluation;
 - `backbone_state(state)`: the timm backbone's weights out of a trained state dict (export);
 - `visualize(outputs, images, batch)`: pictures for TensorBoard, or None.
 """

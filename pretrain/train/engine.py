@@ -47,10 +47,10 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     objective = build_objective(cfg, num_classes)
     model = objective.build_model()
-    message = ""
+    messages = []
     if cfg.run.init_from:
         loaded = load_backbone_weights(getattr(model, "encoder", model), cfg.run.init_from)
-        message = f"initialized {loaded} backbone tensors from {cfg.run.init_from}"
+        messages.append(f"initialized {loaded} backbone tensors from {cfg.run.init_from}")
     freeze(getattr(model, "encoder", model), cfg.optim.frozen)
     p = cfg.parallel
     apply_tensor_parallel(model, topo.tp_rank, topo.tensor)
@@ -63,6 +63,10 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     module, mpu = model, topo.grid
     if topo.pipeline > 1:
         module, mpu = build_pipeline(model, objective, topo, p.pipeline_partition), None  # the module has its grid
+        bounds = module.bounds
+        sizes = ", ".join(str(b - a) for a, b in zip(bounds, bounds[1:]))
+        messages.append(f"pipeline: {bounds[-1]} layers over {topo.pipeline} stages ({sizes} layers, "
+                        f"balanced by {p.pipeline_partition})")
         groups, group_names = _owned(groups, group_names, module)
     schedule = build_schedule(cfg)
     optimizer = build_optimizer(cfg, groups, schedule.peak)
@@ -73,7 +77,7 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     seed = cfg.run.seed * 1000 + topo.dp_rank
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
-    return Training(engine, objective, schedule, group_names, message)
+    return Training(engine, objective, schedule, group_names, "\n".join(messages))
 
 
 def _owned(groups: list[dict], names: list[list[str]], module: torch.nn.Module) -> tuple[list[dict], list[list[str]]]:
