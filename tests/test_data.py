@@ -258,7 +258,7 @@ def test_too_few_shards_for_passes_is_a_config_error(shards):
     cfg = cfg_for(shards)
     cfg.data.resampled, cfg.data.workers = False, 4
     cfg.batch.micro_batch, cfg.batch.global_batch = 8, 64
-    with pytest.raises(ConfigError, match=r"data.resampled=false needs at least ranks x data.workers = 8 x 4"):
+    with pytest.raises(ConfigError, match=r"data.resampled=false needs at least data-parallel ranks x data.workers = 8 x 4"):
         validate(cfg, world_size=8)
     cfg.data.resampled = True
     validate(cfg, world_size=8)

@@ -184,7 +184,7 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(tmp_path, shards, stage):
     train(run_dir, shards, *common, nproc=2)
     before = final_eval(run_dir)
     assert json.loads((run_dir / "checkpoints" / "step00000008" / "layout.json").read_text()) == {
-        "dp_world_size": 2, "zero_stage": stage}
+        "dp_world_size": 2, "zero_stage": stage, "pipeline_stages": 1, "tensor_parallel": 1}
 
     # One rank, same global batch: the step-8 checkpoint is converted once and loaded; with no step
     # left to take, the run only evaluates, which shows the weights came back exactly.
@@ -201,7 +201,7 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(tmp_path, shards, stage):
     losses = train_losses(run_dir)
     assert sorted(losses)[-4:] == [9, 10, 11, 12] and all(math.isfinite(v) for v in losses.values())
     assert json.loads((run_dir / "checkpoints" / "step00000012" / "layout.json").read_text()) == {
-        "dp_world_size": 1, "zero_stage": stage}
+        "dp_world_size": 1, "zero_stage": stage, "pipeline_stages": 1, "tensor_parallel": 1}
 
     # ZeRO-0 checkpoints are not partitioned, so there is nothing to convert to or from.
     proc = train(run_dir, shards, "parallel.zero_stage=0", "batch.global_batch=32", "schedule.total_steps=16",
