@@ -74,7 +74,8 @@ def test_plan_reports_config_errors_in_one_line():
 def test_pipeline_and_tensor_parallel_plans_hold_a_share_of_the_model():
     args = ["--config", "configs/swinv2_g_simmim_22k.yaml", "--gpus", "8", "--gpu-mem-gb", "80"]
     whole = plan(*args).stdout
-    split = plan(*args, "--set", "parallel.pipeline_stages=2", "--set", "parallel.tensor_parallel=2").stdout
+    split = plan(*args, "--set", "parallel.pipeline_stages=2", "--set", "parallel.tensor_parallel=2",
+                 "--set", "parallel.pipeline_partition=parameters").stdout
     assert "8 GPUs = 2 data-parallel x 2 pipeline x 2 tensor" in split, split
 
     def per_rank(out: str, what: str) -> float:

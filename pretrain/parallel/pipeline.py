@@ -31,6 +31,8 @@ import torch.nn as nn
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
+from pretrain.data.shards import Batch
+
 
 class Embed(nn.Module):
     """Patch embedding; for SimMIM, masked tokens replaced by the learned mask token."""
@@ -150,6 +152,23 @@ class PipelineLoss:
         if self.evaluating:
             return self.objective.eval_sums(out, unpack(carry[:-1]), carry[-1]).to(out.device)
         return self.objective.loss(out, unpack(carry))
+
+
+# What a pipeline stage that reads no data hands DeepSpeed as a micro-batch (inputs, labels).
+NO_DATA = (torch.zeros(1), torch.zeros(1))
+
+
+def padded(batch: Batch, valid: torch.Tensor, size: int) -> tuple[Batch, torch.Tensor]:
+    """`batch` and its valid-row weights grown to `size` rows with zero-weight blank rows."""
+    pad = size - batch.labels.shape[0]
+    if pad <= 0:
+        return batch, valid
+
+    def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+
+    return batch._replace(images=grow(batch.images), labels=grow(batch.labels), masks=grow(batch.masks)), \
+        grow(valid)
 
 
 def pack(inputs: tuple[torch.Tensor, ...], targets: Any) -> tuple[torch.Tensor, ...]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -20,30 +19,14 @@ from pretrain.data.shards import Batch, eval_loader, train_loader
 from pretrain.data.transforms import BatchPreprocess
 from pretrain.flops import device_peak_flops, train_flops_per_image
 from pretrain.models.backbones import BACKBONES
-from pretrain.parallel.pipeline import pack
+from pretrain.parallel.pipeline import NO_DATA, pack, padded
 from pretrain.parallel.topology import Topology
 from pretrain.train import checkpoint
 from pretrain.train.metrics import Metrics
 from pretrain.train.optim import WarmupCosine, set_lr
+from pretrain.train.progress import TrainState, Window, format_duration, peak_memory_gb
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-# What a pipeline stage that reads no data hands DeepSpeed as a micro-batch (inputs, labels).
-NO_DATA = (torch.zeros(1), torch.zeros(1))
-
-
-def padded(batch: Batch, valid: torch.Tensor, size: int) -> tuple[Batch, torch.Tensor]:
-    """`batch` and its valid-row weights grown to `size` rows with zero-weight blank rows."""
-    pad = size - batch.labels.shape[0]
-    if pad <= 0:
-        return batch, valid
-
-    def grow(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
-
-    return batch._replace(images=grow(batch.images), labels=grow(batch.labels), masks=grow(batch.masks)), \
-        grow(valid)
 
 
 class Preempted(Exception):
@@ -52,49 +35,6 @@ class Preempted(Exception):
 
 class Diverged(Exception):
     """Too many consecutive non-finite losses; the last checkpoint is left as it was."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    samples_seen: int = 0
-    skipped_samples: int = 0  # over all ranks, up to the checkpoint this run resumed from
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss
-
-
-@dataclass
-class Window:
-    """What happened since the last log line."""
-
-    start: float = field(default_factory=time.time)
-    steps: int = 0
-    wait: float = 0.0
-    losses: list[float] = field(default_factory=list)
-    lr: float = 0.0
-    grad_norm: float = 0.0
-
-    def add(self, lr: float, loss: float | None, grad_norm: float) -> None:
-        self.steps += 1
-        self.lr, self.grad_norm = lr, grad_norm
-        if loss is not None:
-            self.losses.append(loss)
-
-    def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
-
-
-def peak_memory_gb() -> float:
-    """Peak GPU memory allocated by this process, or its peak resident memory on CPU."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Trainer:
