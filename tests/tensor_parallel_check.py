@@ -23,6 +23,7 @@ from pretrain.models.backbones import build_backbone  # noqa: E402
 from pretrain.parallel.activation_ckpt import apply_activation_checkpointing  # noqa: E402
 from pretrain.parallel.tensor import apply_tensor_parallel, merge, split_rule  # noqa: E402
 from pretrain.parallel.topology import discover, init_distributed  # noqa: E402
+from pretrain.train.optim import freeze  # noqa: E402
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,6 +42,22 @@ def block_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return seen
 
 
+def checkpoint_bytes(out: torch.Tensor) -> int:
+    """Bytes DeepSpeed's checkpoint nodes in `out`'s autograd graph keep for the recompute."""
+    total, seen, todo = 0, set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for t in getattr(node, "deepspeed_saved_tensors", ()):
+            # A partitioned input keeps its part in `saved_data` and only a placeholder as data.
+            for held in (t, getattr(t, "saved_data", None)):
+                total += held.numel() * held.element_size() if torch.is_tensor(held) else 0
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return total
+
+
 def main() -> None:
     topo = discover(tensor=2)
     init_distributed(topo)
@@ -49,6 +66,12 @@ def main() -> None:
     whole = build_backbone(sys.argv[1], 10)
     split = copy.deepcopy(whole)
     assert apply_tensor_parallel(split, topo.tp_rank, topo.tensor)
+    # A frozen part stays frozen when its layers are replaced by their shards (linear probe).
+    probe = copy.deepcopy(whole)
+    freeze(probe, ["patch_embed", "layers", "norm"])
+    apply_tensor_parallel(probe, topo.tp_rank, topo.tensor)
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.fc.weight", "head.fc.bias"]
+
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     expected, got = whole(x), split(x)
     report.append(f"max output difference {relative(got, expected):.3g}")
@@ -73,14 +96,13 @@ def main() -> None:
         model = copy.deepcopy(split)
         model.zero_grad()
         apply_activation_checkpointing(model, "blocks", offload=(partition, False, topo))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = model(x)  # bytes still allocated afterwards: what the backward pass will use
-        kept[partition] = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        out = model(x)
+        kept[partition] = checkpoint_bytes(out)
         out.square().sum().backward()
         grads = dict(split.named_parameters())
         worst = max(relative(p.grad, grads[n].grad) for n, p in model.named_parameters())
         report.append(f"max checkpointed gradient difference {worst:.3g}")
-    inputs = sum(x.numel() for x in block_inputs(split, x)) * x.element_size()
+    inputs = sum(t.numel() for t in block_inputs(split, x)) * x.element_size()
     report.append(f"kept bytes whole {kept[False]} partitioned {kept[True]} block inputs {inputs}")
     reports: list = [None] * topo.world_size
     dist.all_gather_object(reports, report)

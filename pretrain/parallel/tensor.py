@@ -74,7 +74,8 @@ def _parallel_linear(linear: nn.Linear, kind: str, rank: int, size: int, rule: i
 
     if shapes_only:
         out_features, in_features = shard(linear.weight, rule, rank, size).shape
-        return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=linear.weight.device)
+        layer = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=linear.weight.device)
+        return layer.requires_grad_(linear.weight.requires_grad)
 
     keep = lambda weight: weight  # noqa: E731 -- the weights are overwritten with the shard below
     if kind == "column":
@@ -86,9 +87,11 @@ def _parallel_linear(linear: nn.Linear, kind: str, rank: int, size: int, rule: i
     with torch.no_grad():
         layer.weight.copy_(shard(linear.weight, rule, rank, size))
         layer.weight.model_parallel = True  # DeepSpeed counts its norm on every rank of the group
+        layer.weight.requires_grad_(linear.weight.requires_grad)  # frozen stays frozen
         if linear.bias is not None:
             layer.bias.copy_(shard(linear.bias, rule, rank, size) if kind == "column" else linear.bias)
             layer.bias.model_parallel = kind == "column"
+            layer.bias.requires_grad_(linear.bias.requires_grad)
     return layer.to(linear.weight.device)
 
 
