@@ -1,8 +1,8 @@
 """Pipeline and tensor parallelism: real runs (gloo, 2 and 4 processes) through pretrain/main.py.
 
-Every layout below has one data-parallel replica, so each reads exactly the data a single
-process reads: with the same seed and global batch the losses, the evaluation and the
-exported weights must agree with the single-process run.
+A run's data depends only on its data-parallel layout, so every model-parallel layout is
+compared with the plain run of the same data-parallel size: with the same seed and global
+batch the losses, the evaluation and the exported weights must agree.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from tests.conftest import BIN, REPO, free_port, metrics, run, train, train_loss
 
 pytestmark = pytest.mark.slow
 
-# name -> (processes, overrides): the same fp32 run under each model-parallel layout.
+# name -> (processes, overrides, the plain run it must match): the same fp32 run under each layout.
 LAYOUTS = {
-    "single": (1, []),
-    "tensor2": (2, ["parallel.tensor_parallel=2"]),
-    "pipeline2": (2, ["parallel.pipeline_stages=2"]),
-    "pipeline2_tensor2": (4, ["parallel.pipeline_stages=2", "parallel.tensor_parallel=2"]),
+    "single": (1, [], None),
+    "tensor2": (2, ["parallel.tensor_parallel=2"], "single"),
+    "pipeline2": (2, ["parallel.pipeline_stages=2"], "single"),
+    "pipeline2_tensor2": (4, ["parallel.pipeline_stages=2", "parallel.tensor_parallel=2"], "single"),
+    "data2": (2, [], None),
+    "data2_tensor2": (4, ["parallel.tensor_parallel=2"], "data2"),  # ZeRO-1 over the data groups
 }
+COMPARED = [name for name, (_, _, reference) in LAYOUTS.items() if reference]
 COMMON = ["precision=fp32", "parallel.zero_stage=1", "model.drop_path=0", "batch.global_batch=32",
           "eval.every_steps=2"]
 
@@ -33,7 +36,7 @@ COMMON = ["precision=fp32", "parallel.zero_stage=1", "model.drop_path=0", "batch
 def layout_runs(tmp_path_factory, shards) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts")
     runs = {}
-    for name, (nproc, overrides) in LAYOUTS.items():
+    for name, (nproc, overrides, _) in LAYOUTS.items():
         run_dir = root / name
         train(run_dir, shards, *COMMON, *overrides, nproc=nproc, launcher="deepspeed" if nproc > 1 else "python")
         run(["python", "-m", "pretrain.export", "--run", str(run_dir), "--out", str(run_dir / "export")])
@@ -41,15 +44,16 @@ def layout_runs(tmp_path_factory, shards) -> dict[str, Path]:
     return runs
 
 
-@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n != "single"])
-def test_loss_and_evaluation_match_one_process(layout_runs, layout):
-    reference = train_losses(layout_runs["single"])
+@pytest.mark.parametrize("layout", COMPARED)
+def test_loss_and_evaluation_match_the_plain_run(layout_runs, layout):
+    plain = LAYOUTS[layout][2]
+    reference = train_losses(layout_runs[plain])
     losses = train_losses(layout_runs[layout])
     assert sorted(losses) == [1, 2, 3, 4]
     for step, loss in reference.items():
         assert losses[step] == pytest.approx(loss, rel=1e-4), f"{layout} step {step}"
     evals = [m for m in metrics(layout_runs[layout]) if "eval/top1" in m]
-    reference_evals = [m for m in metrics(layout_runs["single"]) if "eval/top1" in m]
+    reference_evals = [m for m in metrics(layout_runs[plain]) if "eval/top1" in m]
     assert [m["step"] for m in evals] == [2, 4]  # mid-run evaluation, then training goes on
     for ours, theirs in zip(evals, reference_evals):
         assert ours["eval/samples"] == theirs["eval/samples"] == 179  # every sample once
@@ -57,9 +61,9 @@ def test_loss_and_evaluation_match_one_process(layout_runs, layout):
         assert ours["eval/top1"] == pytest.approx(theirs["eval/top1"], abs=1e-9)
 
 
-@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n != "single"])
+@pytest.mark.parametrize("layout", COMPARED)
 def test_exports_of_every_layout_hold_the_same_weights(layout_runs, layout):
-    reference = load_file(layout_runs["single"] / "export" / "model.safetensors")
+    reference = load_file(layout_runs[LAYOUTS[layout][2]] / "export" / "model.safetensors")
     weights = load_file(layout_runs[layout] / "export" / "model.safetensors")
     assert weights.keys() == reference.keys()
     for name, tensor in reference.items():

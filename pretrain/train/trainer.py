@@ -60,6 +60,9 @@ class Trainer:
         # Ranks of one tensor-parallel group see the same samples: count them on one of them.
         self.counts = 1 if topo.tp_rank == 0 else 0
         self.show_images = cfg.objective.kind == "simmim" and not self.pipelined
+        if cfg.objective.kind == "simmim" and self.pipelined:
+            metrics.print("reconstruction pictures are not drawn with pipeline_stages > 1 (no rank holds the "
+                          "whole model); the losses are logged as usual")
         self.fixed_batch: Batch | None = None
         self.stop = checkpoint.StopSignal()
         self.bad_in_a_row = 0
