@@ -7,6 +7,7 @@ batch the losses, the evaluation and the exported weights must agree.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, REPO, free_port, metrics, run, train, train_losses
+from tests.conftest import BIN, REPO, final_eval, free_port, metrics, run, train, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +72,22 @@ def test_exports_of_every_layout_hold_the_same_weights(layout_runs, layout):
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_pipeline_checkpoint_resumes_and_refuses_another_layout(layout_runs, tmp_path, shards):
+def test_pipeline_checkpoint_resumes_on_more_gpus_and_refuses_another_split(tmp_path, shards):
     run_dir = tmp_path / "pipeline"
     common = [*COMMON, "parallel.pipeline_stages=2"]
     train(run_dir, shards, *common, "schedule.total_steps=2")
-    out = train(run_dir, shards, *common, "schedule.total_steps=4").stdout
-    assert "resumed from step 2" in out
-    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
+    before = final_eval(run_dir)
+    # Twice the GPUs, two data-parallel pipelines: the checkpoint is converted to universal
+    # form and loaded; with no step left the run only evaluates, showing the weights came back.
+    out = train(run_dir, shards, *common, "schedule.total_steps=2", nproc=4).stdout
+    assert "converting checkpoint step00000002 to universal form" in out and "resumed from step 2" in out
+    after = final_eval(run_dir)
+    assert after["eval/top1"] == before["eval/top1"]
+    assert after["eval/loss"] == pytest.approx(before["eval/loss"], rel=1e-6)
+    out = train(run_dir, shards, *common, "schedule.total_steps=4", nproc=4).stdout
+    assert "resumed from step 2" in out and sorted(train_losses(run_dir))[-2:] == [3, 4]
+    assert json.loads((run_dir / "checkpoints" / "step00000004" / "layout.json").read_text())["dp_world_size"] == 2
+    # The split itself must stay: another pipeline or tensor degree is a config error.
     proc = train(run_dir, shards, *COMMON, "parallel.tensor_parallel=2", "schedule.total_steps=6", check=False)
     assert proc.returncode == 2
     assert "parallel.pipeline_stages=1: checkpoint" in proc.stdout + proc.stderr

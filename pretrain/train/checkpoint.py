@@ -8,11 +8,11 @@ Each complete tag also gets `manifest.json` (every file and its size); a tag who
 do not match its manifest is passed over, with a warning, for the one before it.
 
 Each tag records the layout it was written with (`layout.json`: data-parallel size, ZeRO
-stage, pipeline and tensor degrees). Resuming a data-parallel run at another size or ZeRO
-stage converts the tag once into DeepSpeed's universal format
-(`checkpoints/universal/<tag>`, by rank 0, with DeepSpeed's own ds_to_universal) and loads
-that, so a job can continue on fewer or more GPUs. Pipeline and tensor degrees must stay
-those of the checkpoint (a config error otherwise).
+stage, pipeline and tensor degrees). Resuming at another data-parallel size or ZeRO stage
+converts the tag once into DeepSpeed's universal format (`checkpoints/universal/<tag>`, by
+rank 0, with DeepSpeed's own ds_to_universal) and loads that, so a job can continue on
+fewer or more GPUs. Pipeline and tensor degrees must stay those of the checkpoint (a
+config error otherwise): DeepSpeed re-cuts its universal form only along data parallelism.
 
 `StopSignal` turns SIGUSR1 / SIGTERM (Slurm preemption, scancel) into a flag that all
 ranks agree on through an all-reduce, so they checkpoint and stop at the same step.
@@ -148,10 +148,6 @@ def find_resume(run_dir: Path, topo: Any, zero_stage: int) -> ResumePoint | None
             unpartitioned = saved["zero_stage"] == zero_stage == 0  # loads at any size as it is
             if same_layout or unpartitioned:
                 return ResumePoint(ckpt_dir, tag, universal=False)
-            if topo.model_parallel:
-                raise ConfigError(f"checkpoint {ckpt_dir / tag} was saved by {saved['dp_world_size']} data-parallel "
-                                  f"ranks at ZeRO stage {saved['zero_stage']}; with pipeline or tensor parallelism "
-                                  f"resume with that layout (or run.auto_resume=false)")
             if 0 in (saved["zero_stage"], zero_stage):
                 raise ConfigError(f"parallel.zero_stage={zero_stage}: checkpoint {ckpt_dir / tag} was saved with "
                                   f"ZeRO stage {saved['zero_stage']}; resume with that stage (or run.auto_resume=false)")
