@@ -85,21 +85,15 @@ def _build(cfg: Config, num_classes: int, checkpointing: bool = True) -> torch.n
     return model.to(DTYPES[cfg.precision]).train()
 
 
-def _trace(model: torch.nn.Module, cfg: Config, micro: int) -> tuple[list[int], int]:
+def _trace(model: torch.nn.Module, micro: int) -> tuple[list[int], int]:
     """One forward through the model's pipeline layers on the meta device, counting what
     autograd saves for the backward pass.
 
     Returns (bytes saved by each pipeline layer, largest single saved buffer).
     """
-    from pretrain.parallel.pipeline import pipeline_layers
+    from pretrain.parallel.pipeline import example_inputs, pipeline_layers
 
-    encoder = getattr(model, "encoder", model)
-    img = encoder.patch_embed.img_size[0]
-    dtype = next(model.parameters()).dtype
-    x: tuple[torch.Tensor, ...] = (torch.empty(micro, 3, img, img, device="meta", dtype=dtype),)
-    if cfg.objective.kind == "simmim":
-        grid = img // encoder.patch_embed.patch_size[0]
-        x += (torch.zeros(micro, grid, grid, device="meta", dtype=torch.uint8),)
+    x = example_inputs(model, micro, next(model.parameters()).dtype, device="meta")
 
     # Count storages, not tensors: views of one buffer saved by several ops cost it once, and
     # weights saved for the backward pass are the parameters themselves, counted elsewhere.
@@ -149,10 +143,11 @@ class Activations:
         return (in_flight - 1) * held + peak + self.largest
 
 
-def activations(cfg: Config, num_classes: int, micro: int) -> Activations:
-    kept, _ = _trace(_build(cfg, num_classes), cfg, micro)
+def activations(cfg: Config, num_classes: int, micro: int, plain: torch.nn.Module | None = None) -> Activations:
+    """Traced activations of `cfg`; `plain` is its model without checkpointing, if already built."""
+    kept, _ = _trace(_build(cfg, num_classes), micro)
     # The largest buffer counts as it exists while a block runs, rebuilt or not.
-    full, largest = _trace(_build(cfg, num_classes, checkpointing=False), cfg, micro)
+    full, largest = _trace(plain or _build(cfg, num_classes, checkpointing=False), micro)
     return Activations(kept, full, largest)
 
 
@@ -162,11 +157,10 @@ def activation_bytes(cfg: Config, num_classes: int, micro: int) -> float:
     return a.peak(range(len(a.kept)))
 
 
-def stage_ranges(cfg: Config, num_classes: int) -> list[range]:
-    """The pipeline layers of each stage, cut as the run cuts them."""
+def stage_ranges(cfg: Config, model: torch.nn.Module) -> list[range]:
+    """The pipeline layers of each stage of `model` (one rank's, on the meta device), cut as the run cuts them."""
     from pretrain.parallel.pipeline import layer_flops, pipeline_layers, stage_bounds
 
-    model = _build(cfg, num_classes, checkpointing=False)
     method = cfg.parallel.pipeline_partition
     bounds = stage_bounds(method, pipeline_layers(model), cfg.parallel.pipeline_stages,
                           layer_flops(model) if method == "flops" else None)
@@ -181,10 +175,10 @@ def estimate(cfg: Config, num_classes: int, gpus: int) -> Estimate:
     dp = gpus // (p.pipeline_stages * p.tensor_parallel)
     model = _build(cfg, num_classes, checkpointing=False)
     layer_params = [sum(q.numel() for q in layer.parameters()) for layer in pipeline_layers(model)]
-    acts = activations(cfg, num_classes, cfg.batch.micro_batch)
+    acts = activations(cfg, num_classes, cfg.batch.micro_batch, plain=model)
     accumulation = max(1, cfg.batch.global_batch // (cfg.batch.micro_batch * dp))
     worst = None
-    for stage, layers in enumerate(stage_ranges(cfg, num_classes)):
+    for stage, layers in enumerate(stage_ranges(cfg, model)):
         in_flight = min(p.pipeline_stages - stage, accumulation)
         e = _state_bytes(cfg, sum(layer_params[i] for i in layers), dp, acts.peak(layers, in_flight))
         worst = e if worst is None or e.total > worst.total else worst

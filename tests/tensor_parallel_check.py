@@ -20,7 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from pretrain.models.backbones import build_backbone  # noqa: E402
-from pretrain.parallel.activation_ckpt import apply_activation_checkpointing  # noqa: E402
+from pretrain.parallel.activation_ckpt import (  # noqa: E402
+    apply_activation_checkpointing,
+    configure_deepspeed_checkpointing,
+)
 from pretrain.parallel.tensor import apply_tensor_parallel, merge, split_rule  # noqa: E402
 from pretrain.parallel.topology import discover, init_distributed  # noqa: E402
 from pretrain.train.optim import freeze  # noqa: E402
@@ -95,7 +98,8 @@ def main() -> None:
     for partition in (False, True):
         model = copy.deepcopy(split)
         model.zero_grad()
-        apply_activation_checkpointing(model, "blocks", offload=(partition, False, topo))
+        configure_deepspeed_checkpointing(partition, False, topo)
+        apply_activation_checkpointing(model, "blocks", by_deepspeed=True)
         out = model(x)
         kept[partition] = checkpoint_bytes(out)
         out.square().sum().backward()

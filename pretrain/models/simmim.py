@@ -29,9 +29,7 @@ class SimMIM(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reconstruct `images` (B, 3, H, W) from its unmasked part; `mask` is (B, H/patch, W/patch), 1 = masked."""
-        x = self.encoder.patch_embed(images)  # (B, h, w, C), timm's NHWC layout
-        w = mask.unsqueeze(-1).to(x.dtype)
-        x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+        x = with_mask_tokens(self.encoder.patch_embed(images), mask, self.mask_token)
         x = self.encoder.norm(self.encoder.layers(x))
         return self.decoder(x.permute(0, 3, 1, 2))
 
@@ -40,6 +38,12 @@ class SimMIM(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
+
+
+def with_mask_tokens(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """Patch embeddings `x` (B, h, w, C), timm's NHWC layout, with masked tokens replaced by `mask_token`."""
+    w = mask.unsqueeze(-1).to(x.dtype)
+    return x * (1.0 - w) + mask_token.to(x.dtype) * w
 
 
 def masked_l1(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -61,25 +61,23 @@ def _recomputed_by_deepspeed(forward: Callable[[torch.Tensor], torch.Tensor]) ->
     return run
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 1, offload: Any = None) -> list[int]:
+def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 1, by_deepspeed: bool = False,
+                                   ) -> list[int]:
     """Make the chosen blocks of `model` recompute in backward; returns their indices.
 
-    `offload`: None, or where DeepSpeed keeps the block inputs, as (partition over the
-    tensor-parallel group, keep in CPU memory, the topology).
+    `by_deepspeed`: through DeepSpeed's checkpointing, as `configure_deepspeed_checkpointing` set it up.
     """
     blocks = swin_blocks(model)
     step = {"none": 0, "blocks": 1, "every_k": every_k}[mode]
     chosen = list(range(0, len(blocks), step)) if step else []
-    wrap = _recomputed
-    if offload is not None and chosen:
-        _configure_deepspeed(*offload)
-        wrap = _recomputed_by_deepspeed
+    wrap = _recomputed_by_deepspeed if by_deepspeed else _recomputed
     for i in chosen:
         blocks[i].forward = wrap(blocks[i].forward)
     return chosen
 
 
-def _configure_deepspeed(partition: bool, cpu: bool, topo: Any) -> None:
+def configure_deepspeed_checkpointing(partition: bool, cpu: bool, topo: Any) -> None:
+    """Where DeepSpeed's checkpointing keeps block inputs: split over `topo`'s tensor-parallel group, in CPU memory."""
     import deepspeed
 
     # DeepSpeed reads the tensor-parallel group under Megatron's method names.

@@ -32,6 +32,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
 from pretrain.data.shards import Batch
+from pretrain.models.simmim import with_mask_tokens
 
 
 class Embed(nn.Module):
@@ -45,9 +46,8 @@ class Embed(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = self.patch_embed(inputs[0])
-        if self.mask_token is not None:  # same arithmetic as models.simmim.SimMIM.forward
-            w = inputs[1].unsqueeze(-1).to(x.dtype)
-            x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+        if self.mask_token is not None:
+            x = with_mask_tokens(x, inputs[1], self.mask_token)
         # DeepSpeed runs backward on every floating-point output of a stage and sends back the
         # gradient of every floating-point input, carried targets included (a pass-through).
         carry = tuple(t.requires_grad_() if t.is_floating_point() and t.is_leaf else t

@@ -23,7 +23,7 @@ from pretrain.config import Config
 from pretrain.models.backbones import load_backbone_weights
 from pretrain.models.objectives import build_objective
 from pretrain.models.speed import apply_speedups
-from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
+from pretrain.parallel.activation_ckpt import apply_activation_checkpointing, configure_deepspeed_checkpointing
 from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.pipeline import build_pipeline
 from pretrain.parallel.sequential_attention import apply_sequential_attention
@@ -54,9 +54,10 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     freeze(getattr(model, "encoder", model), cfg.optim.frozen)
     p = cfg.parallel
     apply_tensor_parallel(model, topo.tp_rank, topo.tensor)
-    offload = (p.partition_activations, p.cpu_checkpointing, topo) \
-        if p.partition_activations or p.cpu_checkpointing else None
-    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k, offload)
+    by_deepspeed = p.partition_activations or p.cpu_checkpointing
+    if by_deepspeed:
+        configure_deepspeed_checkpointing(p.partition_activations, p.cpu_checkpointing, topo)
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k, by_deepspeed)
     apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
     apply_speedups(model, cfg.speed.sdpa_attention, cfg.speed.compile)
     groups, group_names = param_groups(model, cfg.optim.weight_decay)  # named as in the whole model
@@ -83,6 +84,9 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
 def _owned(groups: list[dict], names: list[list[str]], module: torch.nn.Module) -> tuple[list[dict], list[list[str]]]:
     """The parameter groups restricted to the parameters `module` (this pipeline stage) holds."""
     own = {id(p) for p in module.parameters()}
-    kept = [[(p, n) for p, n in zip(g["params"], group_names) if id(p) in own] for g, group_names in zip(groups, names)]
-    return ([{**g, "params": [p for p, _ in k]} for g, k in zip(groups, kept)],
-            [[n for _, n in k] for k in kept])
+    kept_groups, kept_names = [], []
+    for group, group_names in zip(groups, names):
+        pairs = [(p, n) for p, n in zip(group["params"], group_names) if id(p) in own]
+        kept_groups.append({**group, "params": [p for p, _ in pairs]})
+        kept_names.append([n for _, n in pairs])
+    return kept_groups, kept_names
