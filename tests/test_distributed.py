@@ -136,6 +136,12 @@ def test_bf16_without_zero_exports_the_fp32_master_weights(tmp_path, shards):
         assert torch.equal(exported[name].bfloat16(), bf16), name  # the bf16 weights are the rounded masters
     assert any(not torch.equal(exported[n], b.float()) for n, b in states["module"].items())
 
+    # The masters and moments come back on resume (train/mixed_precision.py holds them).
+    proc = train(run_dir, shards, "parallel.zero_stage=0", "schedule.total_steps=6")
+    assert "resumed from step 4" in proc.stdout
+    losses = train_losses(run_dir)
+    assert sorted(losses)[-2:] == [5, 6] and all(math.isfinite(v) for v in losses.values())
+
 
 def test_rerun_resumes_from_the_latest_checkpoint(tmp_path, shards):
     run_dir = tmp_path / "resume"

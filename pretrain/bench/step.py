@@ -100,20 +100,20 @@ def training_step(cfg, num_classes: int):
     return step
 
 
-def _engine_step(arch: str, micro: int, img: int, window: int, sdpa: bool, compile_blocks: bool):
-    """This pipeline's engine: DeepSpeed ZeRO-1, bf16 weights, fp32 masters, fused AdamW."""
+def _engine_step(arch: str, micro: int, img: int, window: int, sdpa: bool, compile_blocks: bool, zero_stage: int):
+    """This pipeline's engine: DeepSpeed at `zero_stage`, bf16 weights, fp32 masters, fused AdamW."""
     from pretrain.config import Config
 
     cfg = Config()
     cfg.model.arch, cfg.model.img_size, cfg.model.window_size, cfg.model.drop_path = arch, img, window, 0.0
     cfg.batch.micro_batch = cfg.batch.global_batch = micro
-    cfg.parallel.zero_stage, cfg.precision = 1, "bf16"
+    cfg.parallel.zero_stage, cfg.precision = zero_stage, "bf16"
     cfg.speed.sdpa_attention, cfg.speed.compile = sdpa, compile_blocks
     return training_step(cfg, num_classes=1000)
 
 
 def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps: int, sdpa: bool,
-               compile_blocks: bool) -> dict:
+               compile_blocks: bool, zero_stage: int = 0) -> dict:
     import os
 
     from pretrain.flops import train_flops_per_image
@@ -126,9 +126,10 @@ def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps:
     peak = matmul_peak(device=device)
     flops = train_flops_per_image(arch, img, window, 1000)
     result: dict = {"arch": arch, "img_size": img, "window": window, "micro_batch": micro, "device": device,
+                    "zero_stage": zero_stage,
                     "peak_tflops": peak / 1e12, "gflop_per_image": flops / 1e9}
     for name, step in (("reference", _reference_step(arch, micro, img, window, device)),
-                       ("ours", _engine_step(arch, micro, img, window, sdpa, compile_blocks))):
+                       ("ours", _engine_step(arch, micro, img, window, sdpa, compile_blocks, zero_stage))):
         times = _time(step, warmup, steps, device)
         median = statistics.median(times)
         result[name] = {"step_s": [round(t, 4) for t in (min(times), median, max(times))],
@@ -143,7 +144,7 @@ def bench_scaling(arch: str, sizes: list[int], micro: int, warmup: int, steps: i
     rows = []
     for img in sizes:
         window = {224: 7, 384: 12, 512: 16}.get(img, 0)
-        times = _time(_engine_step(arch, micro, img, window, False, False), warmup, steps, "cpu")
+        times = _time(_engine_step(arch, micro, img, window, False, False, 0), warmup, steps, "cpu")
         per_image = statistics.median(times) / micro
         rows.append({"img_size": img, "window": window, "s_per_image": per_image,
                      "pixels_ratio": (img / sizes[0]) ** 2, "time_ratio": per_image / rows[0]["s_per_image"]

@@ -6,6 +6,7 @@ from typing import Any
 
 from pretrain.config import Config
 from pretrain.parallel.topology import Topology
+from pretrain.train.mixed_precision import uses_fused_mixed_precision
 
 
 def accumulation_steps(cfg: Config, topo: Topology) -> int:
@@ -15,6 +16,9 @@ def accumulation_steps(cfg: Config, topo: Topology) -> int:
 
 def deepspeed_config(cfg: Config, topo: Topology, load_universal: bool = False) -> dict[str, Any]:
     """`load_universal`: the checkpoint to resume was converted for another layout."""
+    # bf16 without ZeRO or model parallelism: the module is already bf16 and our optimizer
+    # keeps the fp32 masters and clips (train/mixed_precision.py); DeepSpeed averages gradients.
+    own_masters = uses_fused_mixed_precision(cfg, topo)
     # DeepSpeed's default buckets (5e8 elements) hold about 1 GB per rank at bf16 whatever the
     # model size; ours are a config value that the memory planner accounts for.
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": cfg.parallel.bucket_size,
@@ -25,9 +29,9 @@ def deepspeed_config(cfg: Config, topo: Topology, load_universal: bool = False) 
         "train_batch_size": cfg.batch.global_batch,
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
         "gradient_accumulation_steps": accumulation_steps(cfg, topo),
-        "gradient_clipping": cfg.optim.clip_grad,
+        "gradient_clipping": 0.0 if own_masters else cfg.optim.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": cfg.precision == "bf16" and not own_masters},
         "fp16": {"enabled": cfg.precision == "fp16", "initial_scale_power": 16},
         # We log our own metrics; DeepSpeed's periodic prints would interleave with ours.
         "steps_per_print": 2**31 - 1,
@@ -38,7 +42,9 @@ def deepspeed_config(cfg: Config, topo: Topology, load_universal: bool = False) 
         # DeepSpeed can split the activations sent between stages over the tensor-parallel
         # ranks, but only when nothing else travels with them; ours carry the loss targets.
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
-    if cfg.precision != "fp32":
+    if own_masters:
+        ds["communication_data_type"] = "bf16"  # average the bf16 gradients as they are, as in DeepSpeed's bf16 mode
+    elif cfg.precision != "fp32":
         # DeepSpeed casts parameters but leaves float buffers in fp32; Swin's attention
         # mask and SwinV2's coordinate table must match the activations' dtype.
         ds["data_types"] = {"buffer_dtype": cfg.precision}

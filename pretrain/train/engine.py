@@ -8,7 +8,9 @@
    kernel, compile);
 4. pipeline parallelism: the model cut into this rank's pipeline stage;
 5. AdamW parameter groups (of this stage's parameters), the LR schedule, and DeepSpeed
-   ZeRO from our config, over the topology's data-parallel groups.
+   ZeRO from our config, over the topology's data-parallel groups (bf16 without ZeRO or
+   model parallelism: the module is cast here and the fp32 masters live in our fused
+   optimizer, `train/mixed_precision.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pretrain.parallel.pipeline import build_pipeline
 from pretrain.parallel.sequential_attention import apply_sequential_attention
 from pretrain.parallel.tensor import apply_tensor_parallel
 from pretrain.parallel.topology import Topology
+from pretrain.train.mixed_precision import uses_fused_mixed_precision
 from pretrain.train.optim import WarmupCosine, build_optimizer, build_schedule, freeze, param_groups
 
 
@@ -70,9 +73,15 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
                         f"balanced by {p.pipeline_partition})")
         groups, group_names = _owned(groups, group_names, module)
     schedule = build_schedule(cfg)
-    optimizer = build_optimizer(cfg, groups, schedule.peak)
+    if uses_fused_mixed_precision(cfg, topo):
+        model.to(torch.bfloat16)  # DeepSpeed sees a full-precision run; the optimizer keeps the fp32 masters
+    optimizer = build_optimizer(cfg, groups, schedule.peak, topo)
     ds_config = deepspeed_config(cfg, topo, load_universal)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu)
+    if topo.dp_size == 1 and p.zero_stage == 0 and topo.pipeline == 1:
+        # One data-parallel rank holds the average already; DeepSpeed would still flatten every
+        # gradient into buckets, all-reduce them over one rank and copy them back.
+        engine.enable_backward_allreduce = False
     # Per data-parallel rank: the ranks of one tensor-parallel group hold the same activations
     # and must draw the same stochastic depth, random erasing and Mixup.
     seed = cfg.run.seed * 1000 + topo.dp_rank

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import Config
+from pretrain.parallel.topology import Topology
+from pretrain.train.mixed_precision import MixedPrecisionAdamW, uses_fused_mixed_precision
 
 LR_REFERENCE_BATCH = 512
 NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "logit_scale", "cpb_mlp")
@@ -94,9 +96,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def build_optimizer(cfg: Config, groups: list[dict], peak_lr: float) -> torch.optim.Optimizer:
-    """AdamW: DeepSpeed's CPU Adam when optimizer state is offloaded, torch's fused AdamW otherwise."""
+def build_optimizer(cfg: Config, groups: list[dict], peak_lr: float, topo: Topology) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeed's CPU Adam when optimizer state is offloaded; for bf16 without ZeRO or
+    model parallelism our fused mixed-precision AdamW; otherwise torch's fused AdamW (over the
+    fp32 masters DeepSpeed keeps)."""
     o = cfg.optim
+    if uses_fused_mixed_precision(cfg, topo):
+        return MixedPrecisionAdamW(groups, lr=peak_lr, betas=tuple(o.betas), eps=o.eps, clip_grad=o.clip_grad)
     if cfg.parallel.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
