@@ -11,7 +11,7 @@ anyway, and then calls `step`, which
 1. converts each gradient to fp32 once,
 2. takes the global norm in fp32; a non-finite norm skips the update (`overflow`, which
    DeepSpeed counts as a skipped step) and leaves weights and moments as they were,
-3. clips to `clip_grad`,
+3. clips to `clip_grad` (as torch's `clip_grad_norm_` does),
 4. runs torch's fused AdamW on the fp32 masters, and
 5. rounds the masters into the bf16 module weights.
 
@@ -68,12 +68,14 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
             m.grad = p.grad.float()
             p.grad = None
         grads = [m.grad for _, m in pairs]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        self._global_grad_norm = float(norm)
+        self._global_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.overflow = not math.isfinite(self._global_grad_norm)
         if not self.overflow:
-            if self.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_([m for _, m in pairs], self.clip_grad, norm)
+            # As torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) where that is below 1.
+            clip = self.clip_grad / (self._global_grad_norm + 1e-6) if self.clip_grad > 0 else 1.0
+            if clip < 1.0:
+                for grad in grads:
+                    grad.mul_(clip)
             self.masters.step()
             torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
         for _, m in pairs:
