@@ -147,7 +147,7 @@ class BatchPreprocess:
             self.erasing = RandomErasing(cfg.augment.random_erasing, mode="const", max_count=1, device=str(device))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
+        x = images.sub(self.mean).div_(self.std)  # uint8 - float gives float: two passes, no temporary
         if self.erasing is not None:
             x = self.erasing(x)
         return x
