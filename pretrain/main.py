@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # Which checkpoint to continue from decides how DeepSpeed loads it (universal when the
     # layout changed), so it is found, and converted if need be, before the engine exists.
     try:
-        resume_point = checkpoint.find_resume(cfg.run_dir, topo, cfg.parallel.zero_stage) \
+        resume_point = checkpoint.find_resume(cfg.run_dir, topo, cfg.parallel.zero_stage, cfg.precision) \
             if cfg.run.auto_resume else None
     except ConfigError as e:
         metrics.print(f"config error: {e}", error=True)

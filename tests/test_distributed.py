@@ -142,6 +142,14 @@ def test_bf16_without_zero_exports_the_fp32_master_weights(tmp_path, shards):
     losses = train_losses(run_dir)
     assert sorted(losses)[-2:] == [5, 6] and all(math.isfinite(v) for v in losses.values())
 
+    # Another precision keeps its masters elsewhere: a one-line error, not a failed load.
+    proc = train(run_dir, shards, "parallel.zero_stage=0", "precision=fp32", "schedule.total_steps=8",
+                 launcher="python", nproc=1, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"config error: precision=fp32: checkpoint {run_dir / 'checkpoints' / 'step00000006'} was saved with "
+        "precision=bf16; resume with that value (or run.auto_resume=false)")
+
 
 def test_rerun_resumes_from_the_latest_checkpoint(tmp_path, shards):
     run_dir = tmp_path / "resume"
@@ -190,7 +198,7 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(tmp_path, shards, stage):
     train(run_dir, shards, *common, nproc=2)
     before = final_eval(run_dir)
     assert json.loads((run_dir / "checkpoints" / "step00000008" / "layout.json").read_text()) == {
-        "dp_world_size": 2, "zero_stage": stage, "pipeline_stages": 1, "tensor_parallel": 1}
+        "dp_world_size": 2, "zero_stage": stage, "pipeline_stages": 1, "tensor_parallel": 1, "precision": "bf16"}
 
     # One rank, same global batch: the step-8 checkpoint is converted once and loaded; with no step
     # left to take, the run only evaluates, which shows the weights came back exactly.
@@ -207,7 +215,7 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(tmp_path, shards, stage):
     losses = train_losses(run_dir)
     assert sorted(losses)[-4:] == [9, 10, 11, 12] and all(math.isfinite(v) for v in losses.values())
     assert json.loads((run_dir / "checkpoints" / "step00000012" / "layout.json").read_text()) == {
-        "dp_world_size": 1, "zero_stage": stage, "pipeline_stages": 1, "tensor_parallel": 1}
+        "dp_world_size": 1, "zero_stage": stage, "pipeline_stages": 1, "tensor_parallel": 1, "precision": "bf16"}
 
     # ZeRO-0 checkpoints are not partitioned, so there is nothing to convert to or from.
     proc = train(run_dir, shards, "parallel.zero_stage=0", "batch.global_batch=32", "schedule.total_steps=16",

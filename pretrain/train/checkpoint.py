@@ -8,11 +8,12 @@ Each complete tag also gets `manifest.json` (every file and its size); a tag who
 do not match its manifest is passed over, with a warning, for the one before it.
 
 Each tag records the layout it was written with (`layout.json`: data-parallel size, ZeRO
-stage, pipeline and tensor degrees). Resuming at another data-parallel size or ZeRO stage
+stage, pipeline and tensor degrees, precision). Resuming at another data-parallel size or ZeRO stage
 converts the tag once into DeepSpeed's universal format (`checkpoints/universal/<tag>`, by
 rank 0, with DeepSpeed's own ds_to_universal) and loads that, so a job can continue on
 fewer or more GPUs. Pipeline and tensor degrees must stay those of the checkpoint (a
 config error otherwise): DeepSpeed re-cuts its universal form only along data parallelism.
+So must the precision: it decides who holds the fp32 master weights and in what form.
 
 `StopSignal` turns SIGUSR1 / SIGTERM (Slurm preemption, scancel) into a flag that all
 ranks agree on through an all-reduce, so they checkpoint and stop at the same step.
@@ -103,10 +104,10 @@ def _publish(ckpt_dir: Path, tag: str, keep_last: int, layout: dict[str, int]) -
             shutil.rmtree(ckpt_dir / UNIVERSAL / old, ignore_errors=True)
 
 
-def layout(topo: Any, zero_stage: int) -> dict[str, int]:
+def layout(topo: Any, zero_stage: int, precision: str) -> dict[str, Any]:
     """What layout.json records for a run on `topo`."""
     return {"dp_world_size": topo.dp_size, "zero_stage": zero_stage, "pipeline_stages": topo.pipeline,
-            "tensor_parallel": topo.tensor}
+            "tensor_parallel": topo.tensor, "precision": precision}
 
 
 def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
@@ -124,7 +125,7 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
     return tag
 
 
-def find_resume(run_dir: Path, topo: Any, zero_stage: int) -> ResumePoint | None:
+def find_resume(run_dir: Path, topo: Any, zero_stage: int, precision: str) -> ResumePoint | None:
     """The newest intact checkpoint of the run and how to load it at this layout, or None."""
     ckpt_dir = checkpoint_dir(run_dir)
     newest = latest_tag(ckpt_dir)
@@ -137,12 +138,13 @@ def find_resume(run_dir: Path, topo: Any, zero_stage: int) -> ResumePoint | None
         problem = problem_with(ckpt_dir / tag)
         if problem is None:
             path = ckpt_dir / tag / LAYOUT
-            ours = layout(topo, zero_stage)
-            saved = {"pipeline_stages": 1, "tensor_parallel": 1,  # before these were recorded
+            ours = layout(topo, zero_stage, precision)
+            saved = {"pipeline_stages": 1, "tensor_parallel": 1, "precision": precision,  # before these were recorded
                      **(json.loads(path.read_text()) if path.is_file() else ours)}
-            for key in ("pipeline_stages", "tensor_parallel"):
+            for key, option in (("pipeline_stages", "parallel.pipeline_stages"),
+                                ("tensor_parallel", "parallel.tensor_parallel"), ("precision", "precision")):
                 if saved[key] != ours[key]:
-                    raise ConfigError(f"parallel.{key}={ours[key]}: checkpoint {ckpt_dir / tag} was saved with "
+                    raise ConfigError(f"{option}={ours[key]}: checkpoint {ckpt_dir / tag} was saved with "
                                       f"{key}={saved[key]}; resume with that value (or run.auto_resume=false)")
             same_layout = saved == ours
             unpartitioned = saved["zero_stage"] == zero_stage == 0  # loads at any size as it is

@@ -91,7 +91,7 @@ class Trainer:
         state = {**self.client_state, "step": self.state.step, "samples_seen": self.state.samples_seen,
                  "skipped_samples": self.skipped_counts()[0], "skipped_steps": self.state.skipped_steps}
         tag = checkpoint.save(self.engine, self.cfg.run_dir, self.state.step, state, self.cfg.checkpoint.keep_last,
-                              checkpoint.layout(self.topo, self.cfg.parallel.zero_stage))
+                              checkpoint.layout(self.topo, self.cfg.parallel.zero_stage, self.cfg.precision))
         self.metrics.print(f"step {self.state.step}: saved checkpoint {tag}")
 
     # -- training ----------------------------------------------------------------------
