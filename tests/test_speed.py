@@ -71,6 +71,16 @@ def test_step_benchmark_runs():
         assert result[side]["images_per_s"] > 0 and 0 < result[side]["mfu"] < 1
 
 
+@pytest.mark.slow
+def test_scaling_benchmark_runs():
+    out = run([sys.executable, "-m", "pretrain.bench", "scaling", "--arch", "swin_debug", "--sizes", "32", "64",
+               "--micro-batch", "2", "--warmup", "1", "--steps", "1", "--json"]).stdout
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [r["img_size"] for r in rows] == [32, 64] and rows[0]["time_ratio"] == rows[0]["flops_ratio"] == 1.0
+    assert rows[1]["pixels_ratio"] == 4.0 and rows[1]["flops_ratio"] > 3  # same window: about linear in pixels
+    assert all(r["s_per_image"] > 0 for r in rows)
+
+
 def test_data_benchmark_runs():
     out = run([sys.executable, "-m", "pretrain.bench", "data", "--photos", "64x48", "--count", "8", "--samples",
                "8", "--repeats", "1", "--img-size", "32", "--json"]).stdout

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for row in rows:
             print(f"  {row['img_size']}px window {row['window']}: {row['s_per_image']:.3f} s/image  "
-                  f"pixels x{row['pixels_ratio']:.2f}  time x{row['time_ratio']:.2f}")
+                  f"pixels x{row['pixels_ratio']:.2f}  FLOPs x{row['flops_ratio']:.2f}  time x{row['time_ratio']:.2f}")
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -140,13 +140,18 @@ def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps:
 
 
 def bench_scaling(arch: str, sizes: list[int], micro: int, warmup: int, steps: int) -> list[dict]:
-    """Our step time per image at each size; windows chosen to tile each resolution."""
+    """Our step time per image at each size, against pixels and analytic FLOPs; windows chosen
+    to tile each resolution (attention cost per token grows with the window's area)."""
+    from pretrain.flops import train_flops_per_image
+
     rows = []
     for img in sizes:
         window = {224: 7, 384: 12, 512: 16}.get(img, 0)
         times = _time(_engine_step(arch, micro, img, window, False, False, 0), warmup, steps, "cpu")
         per_image = statistics.median(times) / micro
-        rows.append({"img_size": img, "window": window, "s_per_image": per_image,
-                     "pixels_ratio": (img / sizes[0]) ** 2, "time_ratio": per_image / rows[0]["s_per_image"]
-                     if rows else 1.0})
+        flops = train_flops_per_image(arch, img, window, 1000)
+        first = rows[0] if rows else {"s_per_image": per_image, "gflop_per_image": flops / 1e9}
+        rows.append({"img_size": img, "window": window, "s_per_image": per_image, "gflop_per_image": flops / 1e9,
+                     "pixels_ratio": (img / sizes[0]) ** 2, "flops_ratio": flops / 1e9 / first["gflop_per_image"],
+                     "time_ratio": per_image / first["s_per_image"]})
     return rows
