@@ -72,7 +72,7 @@ class AugmentConfig:
     hflip: float = field(0.5, "Horizontal flip probability.")
     auto_augment: str = field("rand-m9-mstd0.5-inc1", "timm auto-augment policy string; empty disables it.")
     color_jitter: float = field(0.4, "Color jitter strength (timm ignores it when auto_augment is set).")
-    random_erasing: float = field(0.25, "Random erasing probability.")
+    random_erasing: float = field(0.25, "Random erasing probability (one rectangle of per-pixel noise, on the batch).")
     interpolation: Literal["bicubic", "bilinear", "random"] = field("bicubic", "Resize interpolation.")
     eval_crop_pct: float = field(0.875, "Center-crop fraction used for evaluation.")
 

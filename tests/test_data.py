@@ -288,7 +288,8 @@ def photo(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_fast_train_transform_equals_timm_when_no_draft_applies():
+def test_fast_train_transform_matches_timm_when_no_draft_applies():
+    """Same random draws as timm's transform; only the resize kernel differs (torch's vs PIL's)."""
     import random as pyrandom
 
     from timm.data import create_transform
@@ -313,15 +314,62 @@ def test_fast_train_transform_equals_timm_when_no_draft_applies():
         a = norm(ours(data)[None])[0]
         reseed(seed)
         b = reference(Image.open(io.BytesIO(data)).convert("RGB"))
-        assert torch.allclose(a, b, atol=1e-5), seed
+        levels = (a - b).abs() * 0.226 * 255  # back to 0-255 levels (std ~0.226)
+        assert levels.mean() < 0.05, seed  # observed <= 0.012: the same picture
+        assert (levels > 4).float().mean() < 1e-3, seed  # a rare pixel crosses a solarize/posterize step
+
+
+def test_eval_transform_matches_timm():
+    from timm.data import create_transform
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from pretrain.data.transforms import EvalTransform
+
+    reference = create_transform(64, is_training=False, crop_pct=0.875, interpolation="bicubic").transforms[:-2]
+    ours = EvalTransform(Config(), 64)
+    for width, height in ((120, 90), (90, 120), (73, 74), (140, 139)):  # down- and upscaling, odd rounding
+        data = photo(width, height, 0)
+        expected = Image.open(io.BytesIO(data)).convert("RGB")
+        for t in reference:
+            expected = t(expected)
+        levels = (ours(data).float() - pil_to_tensor(expected).float()).abs()
+        assert levels.shape == (3, 64, 64)
+        assert levels.mean() < 0.02 and levels.max() <= 2, (width, height)  # observed: max 1 level
+
+
+def test_jpeg_decoding_gives_pil_pixels_and_falls_back_to_pil_for_other_formats():
+    from pretrain.data.transforms import BadSample, decode_rgb, image_size
+
+    data = photo(120, 90, 1)
+    pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert image_size(data) == (120, 90)
+    assert np.array_equal(decode_rgb(data), pil)
+    for mode, fmt in (("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("RGBA", "WEBP")):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert(mode).save(buf, format=fmt)
+        expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        assert np.array_equal(decode_rgb(buf.getvalue()), expected), (mode, fmt)
+    with pytest.raises(BadSample, match="truncated|Premature|bad|corrupt"):
+        decode_rgb(data[: len(data) // 2])
+    with pytest.raises(BadSample):
+        decode_rgb(b"not an image at all")
+
+
+def test_decoding_refuses_images_over_pils_pixel_limit(monkeypatch):
+    from pretrain.data.transforms import BadSample, decode_rgb
+
+    small, large = photo(100, 80, 0), photo(101, 80, 0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 80)
+    assert decode_rgb(small).shape == (80, 100, 3)
+    with pytest.raises(BadSample, match="101x80 pixels exceeds the 8000-pixel limit"):
+        decode_rgb(large)
 
 
 def test_draft_decoding_of_large_jpegs_stays_close_to_full_decoding():
-    from pretrain.data.transforms import EvalTransform, decode, open_lazy
+    from pretrain.data.transforms import EvalTransform, decode_rgb
 
     big = photo(1600, 1200, 1)
-    im = open_lazy(big)
-    assert decode(im, (0, 0, 1600, 1200), 256).size == (400, 300)  # 1/4 scale DCT decode
+    assert decode_rgb(big, (0, 0, 1600, 1200), 256).shape == (300, 400, 3)  # 1/4 scale DCT decode
     cfg = Config()
     fast = EvalTransform(cfg, 224)(big).float()
     from timm.data import create_transform

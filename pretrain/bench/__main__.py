@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r))
     else:
         print(f"data loader, one worker, {r['img_size']}px training augmentation, {r['samples']} images per run")
-        print(f"  ours (shards, draft decode, batch normalize): {r['ours_images_per_s']} images/s")
-        print(f"  ImageFolder + timm create_transform:          {r['baseline_images_per_s']} images/s")
+        print(f"  ours (shards, scaled decode, torch resize): {r['ours_images_per_s']} images/s")
+        print(f"  ImageFolder + timm create_transform:        {r['baseline_images_per_s']} images/s")
         print(f"  ratio (median): {r['ratio_median']:.2f}x")
     return 0
 
