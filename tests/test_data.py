@@ -209,12 +209,20 @@ def test_max_size_reencodes_large_images(tmp_path):
     src.mkdir(parents=True)
     Image.new("RGB", (800, 600), (10, 200, 30)).save(src / "big.png")
     Image.new("RGB", (100, 80), (10, 200, 30)).save(src / "small.png")
+    (src / "photo.jpg").write_bytes(photo(1600, 1200, 1))  # decoded at 1/4 DCT scale, then resized
     info = write_shards(tmp_path / "src", tmp_path / "out", val_fraction=0.0, max_size=300)
     with tarfile.open(tmp_path / "out" / info["splits"]["train"]["shards"][0]["name"]) as tar:
-        sizes = sorted(Image.open(tar.extractfile(m)).size for m in tar.getmembers() if not m.name.endswith(".cls"))
-        names = sorted(m.name.rsplit(".", 1)[1] for m in tar.getmembers())
-    assert sizes == [(100, 80), (400, 300)]
-    assert names == ["cls", "cls", "jpg", "png"]
+        images = {m.name.rsplit(".", 1)[1]: [] for m in tar.getmembers()}
+        for m in tar.getmembers():
+            images[m.name.rsplit(".", 1)[1]].append(tar.extractfile(m).read())
+    assert sorted(images) == ["cls", "jpg", "png"] and len(images["jpg"]) == 2 and len(images["cls"]) == 3
+    assert [Image.open(io.BytesIO(b)).size for b in images["png"]] == [(100, 80)]  # small enough: kept as is
+    # The 800x600 single colour first, then the photo (the one whose pixels vary).
+    flat, shrunk = sorted((np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), float) for b in images["jpg"]),
+                          key=lambda pixels: pixels.std(axis=(0, 1)).sum())
+    assert flat.shape == shrunk.shape == (300, 400, 3)
+    reference = Image.open(io.BytesIO(photo(1600, 1200, 1))).convert("RGB").resize((400, 300), Image.BICUBIC)
+    assert np.abs(shrunk - np.asarray(reference, float)).mean() < 4.0  # out of 255, JPEG re-encoding included
 
 
 def test_url_patterns_pipes_and_weighted_sources(shards):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from pretrain.data.labels import label_map_version
 from pretrain.data.sources import ImageRef, list_images
+from pretrain.data.transforms import BadSample, decode_rgb, image_size, resize
 
 PROGRESS = ".progress"
 
@@ -82,17 +83,21 @@ def cut_into_shards(split: str, images: list[ImageRef], shard_samples: int, shar
     return jobs
 
 
-def prepare_image(data: bytes, max_size: int) -> tuple[bytes | None, str]:
-    """(bytes to store, extension override or "") after a full decode check; None if it does not decode."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        if max_size and min(im.size) > max_size:
-            scale = max_size / min(im.size)
-            small = im.convert("RGB").resize((round(im.width * scale), round(im.height * scale)), Image.BICUBIC)
-            out = io.BytesIO()
-            small.save(out, format="JPEG", quality=90)
-            return out.getvalue(), "jpg"
-    return data, ""
+def prepare_image(data: bytes, max_size: int) -> tuple[bytes, str]:
+    """(bytes to store, extension override or "") after a full decode by the training loader's own decoder;
+    BadSample if it does not decode. With `max_size`, a larger image is decoded at a reduced DCT scale where
+    possible, resized to `max_size` on its shorter side and re-encoded as JPEG."""
+    width, height = image_size(data)
+    if not max_size or min(width, height) <= max_size:
+        decode_rgb(data)
+        return data, ""
+    pixels = decode_rgb(data, (0, 0, width, height), max_size)
+    scale = max_size / min(width, height)
+    small = resize(pixels, round(height * scale), round(width * scale), "bicubic")
+    small = Image.fromarray(small.permute(1, 2, 0).numpy())
+    out = io.BytesIO()
+    small.save(out, format="JPEG", quality=90)
+    return out.getvalue(), "jpg"
 
 
 def write_shard(job: ShardJob, out: Path) -> dict:
@@ -104,7 +109,10 @@ def write_shard(job: ShardJob, out: Path) -> dict:
         for offset, ref in enumerate(job.images):
             try:
                 data, ext = prepare_image(ref.read(), job.max_size)
-            except Exception as e:  # PIL raises many types for bad files
+            except BadSample as e:
+                skipped.append(f"{ref}: {e}")
+                continue
+            except (OSError, EOFError, tarfile.TarError) as e:  # a file that cannot be read
                 skipped.append(f"{ref}: {type(e).__name__}: {e}")
                 continue
             key = f"{job.split}{job.first_key + offset:09d}"
