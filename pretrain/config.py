@@ -87,6 +87,8 @@ class DataConfig:
     resampled: bool = field(True, "Draw training shards with replacement (else: passes over the shard list).")
     workers: int = field(2, "DataLoader worker processes per rank.")
     shuffle_buffer: int = field(2000, "Samples held in the training shuffle buffer per worker.")
+    stall_timeout_s: float = field(600.0, "Seconds to wait for a batch from the data workers before stopping the "
+                                          "run with an error (a stalled source or a stuck worker); 0 = forever.")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from pretrain.config import ConfigError, dump_config, load_config
 
 EXIT_PREEMPTED = 3  # stopped on a signal after a checkpoint: requeue / re-run to continue
 EXIT_DIVERGED = 4  # too many non-finite losses in a row
+EXIT_DATA_STALLED = 5  # no batch from the data workers within data.stall_timeout_s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from pretrain.data.shards import DataStalled
     from pretrain.validation import dataset_info
     from pretrain.models.backbones import BACKBONES, resolve_geometry
     from pretrain.parallel.topology import discover, init_distributed
@@ -115,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         metrics.print(str(e), error=True)
         status = EXIT_DIVERGED
+    except DataStalled as e:
+        metrics.print(str(e), error=True)
+        metrics.close()
+        # The other ranks may be waiting in a collective for this one: leave without the closing barrier
+        # (and without process-group teardown, which could wait on them too); the launcher stops them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_DATA_STALLED)
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()

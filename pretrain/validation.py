@@ -89,6 +89,7 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(0.0 < a.eval_crop_pct <= 1.0, f"augment.eval_crop_pct={a.eval_crop_pct} must be in (0, 1]")
 
     need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    need(cfg.data.stall_timeout_s >= 0, f"data.stall_timeout_s={cfg.data.stall_timeout_s} must be >= 0")
     need(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1")
     d = cfg.data
     need(not d.train_weights or len(d.train_weights) == len(d.train_urls),

@@ -112,6 +112,25 @@ def test_consecutive_non_finite_losses_stop_the_run_and_keep_the_checkpoint(tmp_
     assert latest_tag(run_dir / "checkpoints") == "step00000006"
 
 
+@slow
+def test_a_stalled_data_source_stops_every_rank_with_a_one_line_error(tmp_path, shards):
+    """A pipe: source that sends nothing: both ranks stop after data.stall_timeout_s instead of hanging."""
+    run_dir = tmp_path / "stalled"
+    # exec + redirection: the orphaned sleep must not hold this test's stderr pipe open after the run.
+    cmd = training_command(run_dir, shards, "schedule.total_steps=4",
+                           'data.train_urls=["pipe:exec sleep 599 2>/dev/null"]', "data.stall_timeout_s=5")
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    subprocess.run(["pkill", "-f", "^sleep 599$"])
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert "training data, rank " in proc.stderr
+    assert "no batch from the data workers in 5 s (a stalled source or a stuck worker; data.stall_timeout_s)" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.time() - started < 150  # start-up + 5 s; the source would block for 599 s
+    assert not rank_pids(run_dir), "rank processes outlived the run"
+
+
 # -- 200 mutated configs ----------------------------------------------------------------
 
 BAD_VALUES = {
@@ -121,7 +140,7 @@ BAD_VALUES = {
     "objective.label_smoothing": [1.0, -0.5], "objective.mixup": [-1.0, "on"], "objective.mixup_prob": [1.5],
     "augment.crop_scale": [[0.5], [0.9, 0.1], [0.0, 1.0], 0.5], "augment.hflip": [2.0, -1],
     "augment.interpolation": ["nearest", 3], "augment.eval_crop_pct": [0.0, 1.5],
-    "data.workers": [-1, "auto"], "data.shuffle_buffer": [0], "data.train_weights": [[1.0, 2.0], [-1.0]],
+    "data.workers": [-1, "auto"], "data.shuffle_buffer": [0], "data.stall_timeout_s": [-1, "soon"], "data.train_weights": [[1.0, 2.0], [-1.0]],
     "batch.micro_batch": [0, -8, 4.5], "batch.global_batch": [48, 0, "big"], "optim.base_lr": [0, -1e-3, "fast"],
     "optim.min_lr": [1.0, -1.0], "optim.betas": [[0.9], [0.9, 1.5], "0.9"], "optim.clip_grad": [-1.0],
     "schedule.total_steps": [0, -10, 1.5], "schedule.warmup_steps": [99999, -1],

@@ -210,15 +210,44 @@ def mask_generator(cfg: Config, img_size: int) -> MaskGenerator | None:
     return MaskGenerator(img_size, o.mask_patch_size, BACKBONES[cfg.model.arch].patch_size, o.mask_ratio)
 
 
-def _loader(stages: list, workers: int, seed: str) -> DataLoader:
+class DataStalled(RuntimeError):
+    """The data workers delivered no batch within `data.stall_timeout_s`."""
+
+
+class WatchedLoader:
+    """A DataLoader whose wait for each batch is bounded: DataStalled, in one line, instead of a silent hang."""
+
+    def __init__(self, loader: DataLoader, what: str):
+        self.loader, self.what = loader, what
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if not (self.loader.timeout and "timed out" in str(e)):
+                    raise
+                break
+            yield batch
+        del batches  # shuts the workers down now (a stuck one is terminated), before the error propagates
+        raise DataStalled(f"{self.what}: no batch from the data workers in {self.loader.timeout:g} s "
+                          "(a stalled source or a stuck worker; data.stall_timeout_s)")
+
+
+def _loader(stages: list, workers: int, seed: str, stall_timeout_s: float, what: str) -> WatchedLoader:
     pipeline = wds.DataPipeline(*stages)
     generator = torch.Generator().manual_seed(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
-    return DataLoader(pipeline, batch_size=None, num_workers=workers, generator=generator,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+    loader = DataLoader(pipeline, batch_size=None, num_workers=workers, generator=generator,
+                        persistent_workers=False, prefetch_factor=4 if workers else None,
+                        timeout=stall_timeout_s if workers else 0)  # without workers there is nothing to wait on
+    return WatchedLoader(loader, what)
 
 
 def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int, start_step: int,
-                 ) -> DataLoader:
+                 ) -> WatchedLoader:
     """Endless loader of uint8 training micro-batches for data-parallel `rank`, seeded by where the run starts."""
     seed = f"{cfg.run.seed}-step{start_step}"
     sources = train_sources(cfg, info)
@@ -234,10 +263,11 @@ def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, wo
         DecodeAndBatch(build_transform(cfg, img_size, training=True), cfg.batch.micro_batch, counter, partial=False,
                        masks=mask_generator(cfg, img_size)),
     ]
-    return _loader(stages, cfg.data.workers, f"{seed}-rank{rank}")
+    return _loader(stages, cfg.data.workers, f"{seed}-rank{rank}", cfg.data.stall_timeout_s,
+                   f"training data, rank {rank}")
 
 
-def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int) -> DataLoader:
+def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int) -> WatchedLoader:
     """Loader over this rank's share of the validation shards, each sample once."""
     urls = val_urls(cfg, info)
     counter = SkipCounter()
@@ -248,4 +278,5 @@ def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, wor
         DecodeAndBatch(build_transform(cfg, img_size, training=False), cfg.eval.micro_batch, counter, partial=True,
                        masks=mask_generator(cfg, img_size)),
     ]
-    return _loader(stages, workers, f"{cfg.run.seed}-eval-rank{rank}")
+    return _loader(stages, workers, f"{cfg.run.seed}-eval-rank{rank}", cfg.data.stall_timeout_s,
+                   f"validation data, rank {rank}")
