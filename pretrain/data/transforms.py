@@ -106,8 +106,8 @@ def decode_rgb(data: bytes, box: tuple[float, float, float, float] | None = None
         if reduce >= 2:
             scale = 2 ** min(3, int(math.log2(reduce)))
     turbo_size = _turbo_jpeg_size(data)
-    width, height = image_size(data) if turbo_size is None else _checked_size(*turbo_size)
     if turbo_size is not None:
+        width, height = _checked_size(*turbo_size)
         try:
             return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(height / scale),
                                           min_width=math.ceil(width / scale))
@@ -115,10 +115,13 @@ def decode_rgb(data: bytes, box: tuple[float, float, float, float] | None = None
             pass
     try:
         im = Image.open(io.BytesIO(data))
+        _checked_size(*im.size)
         if scale > 1 and im.format == "JPEG":
-            im.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+            im.draft("RGB", (math.ceil(im.width / scale), math.ceil(im.height / scale)))
         return np.array(im.convert("RGB"))
-    except Exception as e:
+    except BadSample:
+        raise
+    except Exception as e:  # PIL raises many exception types for bad data
         raise BadSample(f"{type(e).__name__}: {e}") from None
 
 

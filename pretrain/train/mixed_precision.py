@@ -59,7 +59,7 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         if closure is not None:
-            raise NotImplementedError("MixedPrecisionAdamW does not take a closure")
+            raise ValueError("MixedPrecisionAdamW.step takes no closure: run forward and backward before step()")
         for group, masters in zip(self.param_groups, self.masters.param_groups):
             for key in ("lr", "betas", "eps", "weight_decay"):  # the trainer sets the LR on this optimizer
                 masters[key] = group[key]
