@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
+
+
+# Config spellings of the precisions -> torch dtypes.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ConfigError(ValueError):
@@ -88,7 +93,8 @@ class DataConfig:
     workers: int = field(2, "DataLoader worker processes per rank.")
     shuffle_buffer: int = field(2000, "Samples held in the training shuffle buffer per worker.")
     stall_timeout_s: float = field(600.0, "Seconds to wait for a batch from the data workers before stopping the "
-                                          "run with an error (a stalled source or a stuck worker); 0 = forever.")
+                                          "run with an error (a stalled source or a stuck worker); below "
+                                          "parallel.timeout_minutes.")
 
 
 @dataclass
@@ -139,6 +145,15 @@ class ParallelConfig:
                  "(memory) or layer count.")
     tensor_parallel: int = field(1, "Tensor-parallel degree: each block's attention heads and MLP hidden units are "
                                     "split over this many ranks (fairscale layers); needs zero_stage 0 or 1.")
+    timeout_minutes: float = field(30.0, "Process-group timeout: the longest a rank waits in a collective for the "
+                                         "others (a checkpoint conversion, a slow save, a first compile).")
+    overlap_comm: bool = field(True, "ZeRO 1-3: reduce gradient buckets while the backward pass still runs.")
+    pin_memory: bool = field(True, "CUDA: page-locked host memory for input batches and ZeRO-Offload buffers, "
+                                   "so host-to-GPU copies run asynchronously.")
+    grad_accum_dtype: Literal["fp32", "bf16"] = field(
+        "fp32", "bf16 runs: dtype gradients are accumulated in over micro-batches (README, Precision).")
+    comm_dtype: Literal["fp32", "bf16"] = field(
+        "fp32", "bf16 runs: dtype gradients are averaged over data-parallel ranks in (README, Precision).")
 
 
 @dataclass

@@ -7,7 +7,8 @@
 Reads and validates the config (errors: one line, exit code 2), builds the backbone, the
 objective and the DeepSpeed engine, resumes from the run's latest checkpoint if any,
 and trains for `schedule.total_steps` optimizer steps. Exit codes: 0 done, 2 config
-error, 3 stopped by SIGUSR1/SIGTERM after a checkpoint (re-run to continue), 4 diverged.
+error, 3 stopped by SIGUSR1/SIGTERM after a checkpoint (re-run to continue), 4 diverged,
+5 data stalled, 6 out of GPU memory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     # Run as a script: import the package from the repository, not this directory's modules.
@@ -32,6 +34,19 @@ from pretrain.config import ConfigError, dump_config, load_config
 EXIT_PREEMPTED = 3  # stopped on a signal after a checkpoint: requeue / re-run to continue
 EXIT_DIVERGED = 4  # too many non-finite losses in a row
 EXIT_DATA_STALLED = 5  # no batch from the data workers within data.stall_timeout_s
+EXIT_OUT_OF_MEMORY = 6  # the layout does not fit the GPU: the message names the planner command
+
+
+def out_of_memory_message(cfg: Any, topo: Any, args: argparse.Namespace, step: int) -> str:
+    """One line: what ran out of memory, with what layout, and the planner command that finds one that fits."""
+    p = cfg.parallel
+    gpu_gb = torch.cuda.get_device_properties(topo.device).total_memory / 2**30 if topo.device.type == "cuda" else 0
+    plan = " ".join(["python -m pretrain.plan --config", args.config, *(f"--set {o}" for o in args.overrides),
+                     f"--gpus {topo.world_size}", f"--gpu-mem-gb {gpu_gb:.0f}" if gpu_gb else "--gpu-mem-gb GB"])
+    return (f"out of GPU memory on rank {topo.rank} at step {step + 1}: layout data {topo.dp_size} x pipeline "
+            f"{topo.pipeline} x tensor {topo.tensor}, ZeRO-{p.zero_stage}, batch.micro_batch={cfg.batch.micro_batch}, "
+            f"precision={cfg.precision}, activation_checkpointing={p.activation_checkpointing}; "
+            f"`{plan}` suggests a layout that fits")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's ZeRO still calls this collective under its deprecated name; not actionable for users.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
     topo = discover(cfg.parallel.pipeline_stages, cfg.parallel.tensor_parallel)
-    init_distributed(topo)
+    init_distributed(topo, cfg.parallel.timeout_minutes)
 
     dataset = dataset_info(cfg.data.root)
     num_classes = cfg.objective.num_classes or len(dataset["classes"])
@@ -105,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "param_group_names": training.param_group_names,
     }
     trainer = Trainer(cfg, topo, training.engine, training.objective, training.schedule, dataset, img_size,
-                      metrics, client_state)
+                      metrics, client_state, training.skip_target)
     status = 0
     try:
         if resume_point is not None:
@@ -117,14 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         metrics.print(str(e), error=True)
         status = EXIT_DIVERGED
-    except DataStalled as e:
-        metrics.print(str(e), error=True)
+    except (DataStalled, torch.OutOfMemoryError) as e:
+        stalled = isinstance(e, DataStalled)
+        metrics.print(str(e) if stalled else out_of_memory_message(cfg, topo, args, trainer.state.step),
+                      error=True, this_rank=True)  # a failure of this rank: whichever rank has it says so
         metrics.close()
         # The other ranks may be waiting in a collective for this one: leave without the closing barrier
         # (and without process-group teardown, which could wait on them too); the launcher stops them.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_DATA_STALLED)
+        os._exit(EXIT_DATA_STALLED if stalled else EXIT_OUT_OF_MEMORY)
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()

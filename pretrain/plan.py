@@ -317,8 +317,9 @@ def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
-def measure_step(cfg: Config, num_classes: int) -> float:
-    """Peak bytes of one training step of the real engine in this process (one rank).
+def measure_step(cfg: Config, num_classes: int) -> tuple[float, float | None]:
+    """Peak bytes of one training step of the real engine in this process (one rank), and on
+    CUDA the peak the caching allocator reserved (what the GPU must really hold), else None.
 
     Everything the run allocates (engine, weights, optimizer) up to the end of a first step,
     plus the most a second step adds on top: the figure `estimate(cfg, classes, 1).total`
@@ -331,12 +332,13 @@ def measure_step(cfg: Config, num_classes: int) -> float:
     if torch.cuda.is_available():
         step = training_step(cfg, num_classes)
         step()
-        return torch.cuda.memory_allocated() + peak_allocated(step, "cuda")
+        allocated = torch.cuda.memory_allocated() + peak_allocated(step, "cuda")
+        return allocated, float(torch.cuda.max_memory_reserved())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step = training_step(cfg, num_classes)
         step()
     held = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    return held + peak_allocated(step, "cpu")
+    return held + peak_allocated(step, "cpu"), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         classes = num_classes_of(cfg)
         planned = estimate(cfg, classes, 1).total
-        measured = measure_step(cfg, classes)
-        print(f"one rank here: planned {planned / GB:.3f} GB, measured {measured / GB:.3f} GB "
-              f"(plan / measured {planned / measured:.2f})")
+        measured, reserved = measure_step(cfg, classes)
+        # On CUDA the allocator's reserve is what must fit on the GPU: compare the plan with it.
+        compared, what = (reserved, "reserved") if reserved else (measured, "measured")
+        print(f"one rank here: planned {planned / GB:.3f} GB, measured {measured / GB:.3f} GB allocated"
+              + (f", {reserved / GB:.3f} GB reserved" if reserved else "")
+              + f" (plan / {what} {planned / compared:.2f})")
     return 0 if ok else 1
 
 

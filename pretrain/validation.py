@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from launch.env import gpus_per_node, local_world_size
 from pretrain.config import Config, ConfigError
 
 def launch_world_size() -> int:
@@ -89,7 +93,11 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(0.0 < a.eval_crop_pct <= 1.0, f"augment.eval_crop_pct={a.eval_crop_pct} must be in (0, 1]")
 
     need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
-    need(cfg.data.stall_timeout_s >= 0, f"data.stall_timeout_s={cfg.data.stall_timeout_s} must be >= 0")
+    need(z.timeout_minutes > 0, f"parallel.timeout_minutes={z.timeout_minutes} must be > 0")
+    # A stall must end in our one-line error (exit 5), before the process group's watchdog aborts.
+    need(0 < cfg.data.stall_timeout_s < 60 * z.timeout_minutes,
+         f"data.stall_timeout_s={cfg.data.stall_timeout_s:g} must be > 0 and below parallel.timeout_minutes x 60 "
+         f"= {60 * z.timeout_minutes:g} s")
     need(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1")
     d = cfg.data
     need(not d.train_weights or len(d.train_weights) == len(d.train_urls),
@@ -124,8 +132,6 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(p.eps > 0, f"optim.eps={p.eps} must be > 0")
     need(p.clip_grad >= 0, f"optim.clip_grad={p.clip_grad} must be >= 0 (0 disables clipping)")
     if p.frozen:
-        import torch
-
         from pretrain.train.optim import freeze, matches
 
         with torch.device("meta"):  # names only: no memory, any size
@@ -155,17 +161,47 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     bad = [s for s in z.sequential_attention if not 0 <= s < stages]
     need(not bad, f"parallel.sequential_attention={z.sequential_attention}: {cfg.model.arch} has stages "
                   f"0..{stages - 1} (got {bad})")
-    if cfg.precision == "fp16":
-        import torch
-
-        need(torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu",
-             "precision=fp16 needs a CUDA device; use precision=bf16 (or fp32) on CPU")
+    need(not (cfg.precision == "bf16" and z.grad_accum_dtype == "fp32" and z.zero_stage == 0 and model_parallel > 1),
+         "parallel.grad_accum_dtype=fp32 with bf16 under pipeline/tensor parallelism needs parallel.zero_stage=1 "
+         "(DeepSpeed accumulates in fp32 only in its ZeRO optimizers); or set parallel.grad_accum_dtype=bf16")
+    on_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    need(cfg.precision != "fp16" or on_cuda, "precision=fp16 needs a CUDA device; use precision=bf16 (or fp32) on CPU")
+    if on_cuda:
+        validate_devices(cfg, world, DeviceFacts.here())
 
     need(cfg.checkpoint.every_steps >= 1, f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be >= 1")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
     need(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
     need(cfg.eval.every_steps >= 0, f"eval.every_steps={cfg.eval.every_steps} must be >= 0")
     need(cfg.eval.micro_batch >= 1, f"eval.micro_batch={cfg.eval.micro_batch} must be >= 1")
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the GPU checks need to know about this node."""
+
+    name: str  # of this process's first visible GPU
+    bf16: bool  # whether it computes in bf16
+    gpus_on_node: int  # GPUs the job may use on this node
+    ranks_on_node: int | None  # as the launcher states it (None: not stated)
+
+    @classmethod
+    def here(cls) -> "DeviceFacts":
+        return cls(torch.cuda.get_device_name(0), torch.cuda.is_bf16_supported(including_emulation=False),
+                   gpus_per_node(torch.cuda.device_count()), local_world_size())
+
+
+def validate_devices(cfg: Config, world: int, facts: DeviceFacts) -> None:
+    """Checks against the GPUs of this node, before any process group starts."""
+    if cfg.precision == "bf16" and not facts.bf16:
+        raise ConfigError(f"precision=bf16: {facts.name} does not compute in bf16; use precision=fp16 or fp32")
+    tensor = cfg.parallel.tensor_parallel
+    if tensor > facts.gpus_on_node:
+        raise ConfigError(f"parallel.tensor_parallel={tensor} is larger than the {facts.gpus_on_node} GPUs of one "
+                          f"node: a tensor-parallel group must stay on a node's fast links")
+    if facts.ranks_on_node and facts.ranks_on_node > facts.gpus_on_node:
+        raise ConfigError(f"{facts.ranks_on_node} ranks on this node but {facts.gpus_on_node} GPUs: start at most "
+                          f"one rank per GPU (deepspeed --num_gpus, torchrun --nproc_per_node, srun --ntasks-per-node)")
 
 
 def validate_layout(cfg: Config, world: int) -> None:

@@ -237,17 +237,19 @@ class WatchedLoader:
                           "(a stalled source or a stuck worker; data.stall_timeout_s)")
 
 
-def _loader(stages: list, workers: int, seed: str, stall_timeout_s: float, what: str) -> WatchedLoader:
+def _loader(stages: list, workers: int, seed: str, stall_timeout_s: float, what: str, pin_memory: bool,
+            ) -> WatchedLoader:
     pipeline = wds.DataPipeline(*stages)
     generator = torch.Generator().manual_seed(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
+    # Page-locked batches let the trainer's `.to(device, non_blocking=True)` overlap the copy.
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, generator=generator,
-                        persistent_workers=False, prefetch_factor=4 if workers else None,
+                        persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin_memory,
                         timeout=stall_timeout_s if workers else 0)  # without workers there is nothing to wait on
     return WatchedLoader(loader, what)
 
 
 def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int, start_step: int,
-                 ) -> WatchedLoader:
+                 pin_memory: bool = False) -> WatchedLoader:
     """Endless loader of uint8 training micro-batches for data-parallel `rank`, seeded by where the run starts."""
     seed = f"{cfg.run.seed}-step{start_step}"
     sources = train_sources(cfg, info)
@@ -264,10 +266,11 @@ def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, wo
                        masks=mask_generator(cfg, img_size)),
     ]
     return _loader(stages, cfg.data.workers, f"{seed}-rank{rank}", cfg.data.stall_timeout_s,
-                   f"training data, rank {rank}")
+                   f"training data, rank {rank}", pin_memory)
 
 
-def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int) -> WatchedLoader:
+def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int,
+                pin_memory: bool = False) -> WatchedLoader:
     """Loader over this rank's share of the validation shards, each sample once."""
     urls = val_urls(cfg, info)
     counter = SkipCounter()
@@ -279,4 +282,4 @@ def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, wor
                        masks=mask_generator(cfg, img_size)),
     ]
     return _loader(stages, workers, f"{cfg.run.seed}-eval-rank{rank}", cfg.data.stall_timeout_s,
-                   f"validation data, rank {rank}")
+                   f"validation data, rank {rank}", pin_memory)

@@ -70,13 +70,13 @@ class SupervisedObjective:
         return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
     def eval_sums(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Sums [samples, top-1 hits, top-5 hits, loss] over the `valid` rows."""
-        logits = logits.float().cpu()
-        labels = labels.cpu()
+        """Sums [samples, top-1 hits, top-5 hits, loss] over the `valid` rows, on the logits' device."""
+        logits = logits.float()
+        labels = labels.to(logits.device)
         topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = topk.eq(labels.unsqueeze(1))
         nll = F.cross_entropy(logits, labels, reduction="none")
-        v = valid.float()
+        v = valid.to(logits.device).float()
         return torch.stack([v.sum(), (hits[:, 0].float() * v).sum(), (hits.any(dim=1).float() * v).sum(),
                             (nll * v).sum()]).double()
 
@@ -119,11 +119,11 @@ class SimMIMObjective:
         return masked_l1(reconstruction, target, masks, self.patch_size)
 
     def eval_sums(self, reconstruction: torch.Tensor, targets, valid: torch.Tensor) -> torch.Tensor:
-        """Sums [samples, masked-L1 x samples] over the `valid` rows."""
+        """Sums [samples, masked-L1 x samples] over the `valid` rows, on the reconstruction's device."""
         target, masks = targets
         losses = torch.stack([masked_l1(reconstruction[i:i + 1], target[i:i + 1], masks[i:i + 1], self.patch_size)
-                              for i in range(target.shape[0])]).cpu()
-        v = valid.float()
+                              for i in range(target.shape[0])])
+        v = valid.to(losses.device).float()
         return torch.stack([v.sum(), (losses * v).sum()]).double()
 
     @staticmethod

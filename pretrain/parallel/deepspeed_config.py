@@ -21,10 +21,15 @@ def deepspeed_config(cfg: Config, topo: Topology, load_universal: bool = False) 
     own_masters = uses_fused_mixed_precision(cfg, topo)
     # DeepSpeed's default buckets (5e8 elements) hold about 1 GB per rank at bf16 whatever the
     # model size; ours are a config value that the memory planner accounts for.
-    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage, "reduce_bucket_size": cfg.parallel.bucket_size,
-                            "allgather_bucket_size": cfg.parallel.bucket_size}
-    if cfg.parallel.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    p = cfg.parallel
+    on_cuda = topo.device.type == "cuda"
+    zero: dict[str, Any] = {"stage": p.zero_stage, "reduce_bucket_size": p.bucket_size,
+                            "allgather_bucket_size": p.bucket_size,
+                            # Reduce gradient buckets while the backward pass goes on, not after it.
+                            "overlap_comm": p.overlap_comm and p.zero_stage > 0}
+    if p.offload_optimizer:
+        # Pageable host buffers make every host<->GPU copy synchronous.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": p.pin_memory and on_cuda}
     ds: dict[str, Any] = {
         "train_batch_size": cfg.batch.global_batch,
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
@@ -42,10 +47,12 @@ def deepspeed_config(cfg: Config, topo: Topology, load_universal: bool = False) 
         # DeepSpeed can split the activations sent between stages over the tensor-parallel
         # ranks, but only when nothing else travels with them; ours carry the loss targets.
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
-    if own_masters:
-        ds["communication_data_type"] = "bf16"  # average the bf16 gradients as they are, as in DeepSpeed's bf16 mode
-    elif cfg.precision != "fp32":
+    if cfg.precision == "bf16" and not own_masters:
+        # DeepSpeed's defaults accumulate and average bf16 gradients in bf16 (README, Precision).
+        ds["data_types"] = {"grad_accum_dtype": p.grad_accum_dtype}
+        ds["communication_data_type"] = p.comm_dtype
+    if cfg.precision != "fp32" and not own_masters:
         # DeepSpeed casts parameters but leaves float buffers in fp32; Swin's attention
         # mask and SwinV2's coordinate table must match the activations' dtype.
-        ds["data_types"] = {"buffer_dtype": cfg.precision}
+        ds.setdefault("data_types", {})["buffer_dtype"] = cfg.precision
     return ds

@@ -15,8 +15,9 @@ fewer or more GPUs. Pipeline and tensor degrees must stay those of the checkpoin
 config error otherwise): DeepSpeed re-cuts its universal form only along data parallelism.
 So must the precision: it decides who holds the fp32 master weights and in what form.
 
-`StopSignal` turns SIGUSR1 / SIGTERM (Slurm preemption, scancel) into a flag that all
-ranks agree on through an all-reduce, so they checkpoint and stop at the same step.
+Which checkpoint to resume is decided by rank 0 alone and broadcast: every rank reading
+every tag's files would load a shared filesystem N-fold, and with cached file attributes
+ranks could pick different tags.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import ConfigError
+from pretrain.parallel import comm
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -126,12 +127,30 @@ def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], ke
 
 
 def find_resume(run_dir: Path, topo: Any, zero_stage: int, precision: str) -> ResumePoint | None:
-    """The newest intact checkpoint of the run and how to load it at this layout, or None."""
+    """The newest intact checkpoint of the run and how to load it at this layout, or None.
+
+    Collective: rank 0 reads the checkpoint directory and decides, every rank gets its answer
+    (or its ConfigError / RuntimeError, raised on every rank alike).
+    """
+    decision: Any = None
+    if dist.get_rank() == 0:
+        try:
+            decision = _choose_resume(run_dir, topo, zero_stage, precision)
+        except (ConfigError, RuntimeError) as e:
+            decision = (type(e).__name__, str(e))
+    decision = comm.broadcast_object(decision)
+    if isinstance(decision, tuple):
+        kind, message = decision
+        raise (ConfigError if kind == "ConfigError" else RuntimeError)(message)
+    return decision
+
+
+def _choose_resume(run_dir: Path, topo: Any, zero_stage: int, precision: str) -> ResumePoint | None:
+    """The newest intact checkpoint of the run and how to load it at this layout, or None (rank 0 reads)."""
     ckpt_dir = checkpoint_dir(run_dir)
     newest = latest_tag(ckpt_dir)
     if newest is None:
         return None
-    # Every rank sees the same files, so every rank picks the same tag without talking.
     candidates = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")
                          and p.name <= newest), reverse=True)
     for tag in candidates:
@@ -154,8 +173,7 @@ def find_resume(run_dir: Path, topo: Any, zero_stage: int, precision: str) -> Re
                 raise ConfigError(f"parallel.zero_stage={zero_stage}: checkpoint {ckpt_dir / tag} was saved with "
                                   f"ZeRO stage {saved['zero_stage']}; resume with that stage (or run.auto_resume=false)")
             return ResumePoint(ckpt_dir / UNIVERSAL, tag, universal=True)
-        if dist.get_rank() == 0:
-            warnings.warn(f"checkpoint {ckpt_dir / tag} is incomplete ({problem}); trying the one before it",
+        warnings.warn(f"checkpoint {ckpt_dir / tag} is incomplete ({problem}); trying the one before it",
                           stacklevel=2)
     raise RuntimeError(f"no intact checkpoint in {ckpt_dir}; move it away to start over")
 
@@ -185,20 +203,3 @@ def resume(engine: Any, point: ResumePoint) -> dict[str, Any]:
     if path is None:
         raise RuntimeError(f"checkpoint {point.load_dir / point.tag} could not be loaded")
     return client_state
-
-
-class StopSignal:
-    """Remembers SIGUSR1 / SIGTERM; `agreed()` is True on every rank once any rank received one."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ class Training:
     schedule: WarmupCosine
     param_group_names: list[list[str]]
     init_message: str = ""
+    skip_target: Any = None  # the optimizer to hand the trainer's "skip this update" flag (train/optim.py)
 
 
 def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal: bool = False) -> Training:
@@ -73,21 +75,36 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
                         f"balanced by {p.pipeline_partition})")
         groups, group_names = _owned(groups, group_names, module)
     schedule = build_schedule(cfg)
-    if uses_fused_mixed_precision(cfg, topo):
+    own_masters = uses_fused_mixed_precision(cfg, topo)
+    if own_masters:
         model.to(torch.bfloat16)  # DeepSpeed sees a full-precision run; the optimizer keeps the fp32 masters
+    # On the device before the optimizer exists: optimizers that copy the weights (our fp32
+    # masters) must make those copies where the weights will be, not on the host.
+    module.to(topo.device)
     optimizer = build_optimizer(cfg, groups, schedule.peak, topo)
     ds_config = deepspeed_config(cfg, topo, load_universal)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu)
-    if topo.dp_size == 1 and p.zero_stage == 0 and topo.pipeline == 1:
-        # One data-parallel rank holds the average already; DeepSpeed would still flatten every
-        # gradient into buckets, all-reduce them over one rank and copy them back.
+    if own_masters or (topo.dp_size == 1 and p.zero_stage == 0 and topo.pipeline == 1):
+        # Our optimizer averages its own fp32 gradients; with one data-parallel rank there is
+        # nothing to average, and DeepSpeed would still copy every gradient through buckets.
         engine.enable_backward_allreduce = False
-    # Per data-parallel rank: the ranks of one tensor-parallel group hold the same activations
-    # and must draw the same stochastic depth, random erasing and Mixup.
-    seed = cfg.run.seed * 1000 + topo.dp_rank
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy
-    return Training(engine, objective, schedule, group_names, "\n".join(messages))
+    seed_everything(cfg.run.seed * 1000 + topo.dp_rank)
+    # ZeRO 1-3 skip a step whose gradient norm is not finite themselves (DeepSpeed's check);
+    # without ZeRO the trainer flags it on our optimizer. Pipelines step inside DeepSpeed.
+    skip_target = optimizer if p.zero_stage == 0 and topo.pipeline == 1 else None
+    return Training(engine, objective, schedule, group_names, "\n".join(messages), skip_target)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG that shapes activations: torch (CPU and every GPU), numpy, Python's `random`.
+
+    Per data-parallel rank: the ranks of one tensor-parallel group hold the same activations
+    and must draw the same stochastic depth, random erasing (timm's uses `random`) and Mixup
+    (timm's uses numpy).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
 
 
 def _owned(groups: list[dict], names: list[list[str]], module: torch.nn.Module) -> tuple[list[dict], list[list[str]]]:

@@ -55,10 +55,13 @@ class Metrics:
         folder.mkdir(exist_ok=True)
         save_image(picture, folder / f"{name.replace('/', '_')}-{step:08d}.png")
 
-    def print(self, text: str, error: bool = False) -> None:
-        """A console line from rank 0 (stderr if `error`); every rank keeps it in its log file."""
+    def print(self, text: str, error: bool = False, this_rank: bool = False) -> None:
+        """A console line from rank 0 (stderr if `error`); every rank keeps it in its log file.
+
+        `this_rank`: a failure of this rank alone (a stall, out of memory), printed by whichever rank has it.
+        """
         self.log_file.log(logging.ERROR if error else logging.INFO, text)
-        if self.enabled:
+        if self.enabled or this_rank:
             print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
     def close(self) -> None:

@@ -5,15 +5,23 @@ it would wrap a client optimizer in its per-tensor ("unfused") mixed-precision o
 which converts every gradient several times (overflow check, norm, update); on one
 process that costs more than the forward pass of a small batch. For that layout the
 masters live here instead and DeepSpeed treats the (already bf16) module as full
-precision: it averages the bf16 gradients over the data-parallel ranks, as it would
-anyway, and then calls `step`, which
+precision, with its own gradient all-reduce switched off. `step`
 
-1. converts each gradient to fp32 once,
-2. takes the global norm in fp32; a non-finite norm skips the update (`overflow`, which
-   DeepSpeed counts as a skipped step) and leaves weights and moments as they were,
-3. clips to `clip_grad` (as torch's `clip_grad_norm_` does),
-4. runs torch's fused AdamW on the fp32 masters, and
+1. takes each parameter's gradient in fp32: accumulated over the micro-batches into the
+   master's fp32 `.grad` by a hook as each bf16 gradient is produced (`accumulate_fp32`),
+   or converted once from the bf16 `.grad`;
+2. averages the gradients over the data-parallel group (in `comm_dtype`, in buckets of
+   `bucket_size` elements), when there is more than one data-parallel rank;
+3. takes the global norm in fp32 and clips to `clip_grad` (as torch's `clip_grad_norm_`);
+4. runs torch's fused AdamW on the fp32 masters, which skips the update on the device when
+   the norm is not finite or `skip_if` (the trainer's "a loss was not finite anywhere"
+   flag) is set, leaving weights, moments and step counts as they were;
 5. rounds the masters into the bf16 module weights.
+
+Nothing here reads a value on the host: the norm and the skip decision stay on the
+device (`global_grad_norm`, `skipped`), so the step never waits for the GPU to drain.
+`overflow` stays False for DeepSpeed, whose own check would read it on the host; the
+trainer counts skipped steps itself.
 
 The state dict keeps the masters under `fp32_groups`, the key DeepSpeed's own
 mixed-precision optimizers use, so exports read fp32 weights the same way.
@@ -21,12 +29,12 @@ mixed-precision optimizers use, so exports read fp32 weights the same way.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from pretrain.config import Config
+from pretrain.parallel import comm
 from pretrain.parallel.topology import Topology
 
 
@@ -39,18 +47,43 @@ def uses_fused_mixed_precision(cfg: Config, topo: Topology) -> bool:
 class MixedPrecisionAdamW(torch.optim.Optimizer):
     """AdamW over bf16 parameters, computed on fp32 master copies (see the module doc)."""
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, clip_grad: float):
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, clip_grad: float,
+                 accumulate_fp32: bool = True, dp_group: Any = None, dp_size: int = 1,
+                 comm_dtype: torch.dtype = torch.float32, bucket_size: int = 50_000_000):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype != torch.bfloat16:
                     raise ValueError(f"MixedPrecisionAdamW updates bf16 parameters; got one of {p.dtype}")
+        # The masters are made where the parameters are: build this after the module is on its device.
         master_groups = [{**{k: v for k, v in group.items() if k != "params"},
                           "params": [p.detach().float() for p in group["params"]]} for group in self.param_groups]
         self.masters = torch.optim.AdamW(master_groups, lr=lr, betas=betas, eps=eps, fused=True)
         self.clip_grad = clip_grad
-        self.overflow = False  # read by DeepSpeed after each step
-        self._global_grad_norm: float | None = None  # read by DeepSpeed (engine.get_global_grad_norm)
+        self.dp_group, self.dp_size, self.comm_dtype, self.bucket_size = dp_group, dp_size, comm_dtype, bucket_size
+        self.skip_if: torch.Tensor | None = None  # set by the trainer before each step: nonzero skips it
+        self.skipped: torch.Tensor | None = None  # 1.0 on the device if the last step was skipped
+        self.global_grad_norm: torch.Tensor | None = None
+        self.overflow = False  # read by DeepSpeed after each step (see the module doc)
+        self.accumulate_fp32 = accumulate_fp32
+        if accumulate_fp32:
+            for p, m in self._pairs():
+                p.register_post_accumulate_grad_hook(self._accumulator(m))
+
+    @property
+    def _global_grad_norm(self) -> torch.Tensor | None:  # DeepSpeed's engine.get_global_grad_norm() reads this
+        return self.global_grad_norm
+
+    @staticmethod
+    def _accumulator(master: torch.Tensor):
+        def accumulate(p: torch.Tensor) -> None:
+            if master.grad is None:
+                master.grad = p.grad.float()
+            else:
+                master.grad.add_(p.grad)
+            p.grad = None
+
+        return accumulate
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(p, m) for group, masters in zip(self.param_groups, self.masters.param_groups)
@@ -63,21 +96,29 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         for group, masters in zip(self.param_groups, self.masters.param_groups):
             for key in ("lr", "betas", "eps", "weight_decay"):  # the trainer sets the LR on this optimizer
                 masters[key] = group[key]
-        pairs = [(p, m) for p, m in self._pairs() if p.grad is not None]
-        for p, m in pairs:
-            m.grad = p.grad.float()
-            p.grad = None
+        if not self.accumulate_fp32:
+            for p, m in self._pairs():
+                if p.grad is not None:
+                    m.grad = p.grad.float()
+                    p.grad = None
+        pairs = [(p, m) for p, m in self._pairs() if m.grad is not None]
         grads = [m.grad for _, m in pairs]
-        self._global_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        self.overflow = not math.isfinite(self._global_grad_norm)
-        if not self.overflow:
+        if not grads:
+            return
+        if self.dp_size > 1:
+            comm.average_(grads, self.dp_group, self.dp_size, self.comm_dtype, self.bucket_size)
+        norm = torch.nn.utils.get_total_norm(grads)
+        self.global_grad_norm = norm
+        found_inf = (~torch.isfinite(norm)).float().reshape(())
+        if self.skip_if is not None:
+            found_inf = torch.maximum(found_inf, (self.skip_if.reshape(()) > 0).float().to(found_inf.device))
+        if self.clip_grad > 0:
             # As torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) where that is below 1.
-            clip = self.clip_grad / (self._global_grad_norm + 1e-6) if self.clip_grad > 0 else 1.0
-            if clip < 1.0:
-                for grad in grads:
-                    grad.mul_(clip)
-            self.masters.step()
-            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+            torch._foreach_mul_(grads, (self.clip_grad / (norm + 1e-6)).clamp(max=1.0))
+        self.masters.found_inf = found_inf  # fused AdamW leaves everything as it was when this is nonzero
+        self.masters.step()
+        self.skipped = found_inf
+        torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
         for _, m in pairs:
             m.grad = None
 

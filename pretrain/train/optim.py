@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pretrain.config import Config
+from pretrain.config import DTYPES, Config
 from pretrain.parallel.topology import Topology
 from pretrain.train.mixed_precision import MixedPrecisionAdamW, uses_fused_mixed_precision
 
@@ -91,6 +91,18 @@ def build_schedule(cfg: Config) -> WarmupCosine:
     )
 
 
+def skip_update_if(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
+    """Make `optimizer`'s next step a no-op on the device when `flag` (a 1-element device tensor) is nonzero.
+
+    torch's fused AdamW takes the flag as `found_inf` (as with a gradient scaler) and leaves
+    weights, moments and step counts untouched; ours takes it as `skip_if`. No host read.
+    """
+    if isinstance(optimizer, MixedPrecisionAdamW):
+        optimizer.skip_if = flag
+    else:
+        optimizer.found_inf = (flag.reshape(()) > 0).float()  # 0-dim, like the step counts
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -100,9 +112,11 @@ def build_optimizer(cfg: Config, groups: list[dict], peak_lr: float, topo: Topol
     """AdamW: DeepSpeed's CPU Adam when optimizer state is offloaded; for bf16 without ZeRO or
     model parallelism our fused mixed-precision AdamW; otherwise torch's fused AdamW (over the
     fp32 masters DeepSpeed keeps)."""
-    o = cfg.optim
+    o, p = cfg.optim, cfg.parallel
     if uses_fused_mixed_precision(cfg, topo):
-        return MixedPrecisionAdamW(groups, lr=peak_lr, betas=tuple(o.betas), eps=o.eps, clip_grad=o.clip_grad)
+        return MixedPrecisionAdamW(groups, lr=peak_lr, betas=tuple(o.betas), eps=o.eps, clip_grad=o.clip_grad,
+                                   accumulate_fp32=p.grad_accum_dtype == "fp32", dp_size=topo.dp_size,
+                                   comm_dtype=DTYPES[p.comm_dtype], bucket_size=p.bucket_size)
     if cfg.parallel.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

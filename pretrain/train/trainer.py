@@ -9,25 +9,25 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config
+from pretrain.config import DTYPES, Config
 from pretrain.data.shards import Batch, eval_loader, train_loader
 from pretrain.data.transforms import BatchPreprocess
-from pretrain.flops import device_peak_flops, train_flops_per_image
+from pretrain.flops import peak_flops_and_source, train_flops_per_image
 from pretrain.models.backbones import BACKBONES
+from pretrain.parallel import comm
 from pretrain.parallel.pipeline import NO_DATA, pack, padded
 from pretrain.parallel.topology import Topology
 from pretrain.train import checkpoint
 from pretrain.train.metrics import Metrics
-from pretrain.train.optim import WarmupCosine, set_lr
-from pretrain.train.progress import TrainState, Window, format_duration, peak_memory_gb
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
+from pretrain.train.optim import WarmupCosine, set_lr, skip_update_if
+from pretrain.train.preemption import StopSignal
+from pretrain.train.progress import BAD, STOP, TrainState, Window, format_duration, host_number, memory_gb
 
 class Preempted(Exception):
     """Training stopped on a signal after saving a checkpoint; the job should be re-run."""
@@ -39,7 +39,8 @@ class Diverged(Exception):
 
 class Trainer:
     def __init__(self, cfg: Config, topo: Topology, engine: Any, objective: Any, schedule: WarmupCosine,
-                 dataset: dict[str, Any], img_size: int, metrics: Metrics, client_state: dict[str, Any]):
+                 dataset: dict[str, Any], img_size: int, metrics: Metrics, client_state: dict[str, Any],
+                 skip_target: Any = None):
         self.cfg = cfg
         self.topo = topo
         self.engine = engine
@@ -49,6 +50,7 @@ class Trainer:
         self.img_size = img_size
         self.metrics = metrics
         self.client_state = client_state  # constant facts saved with every checkpoint
+        self.skip_target = skip_target  # optimizer told to skip a step with a non-finite loss (train/optim.py)
         self.dtype = DTYPES[cfg.precision]
         self.device = engine.device
         self.state = TrainState()
@@ -64,12 +66,16 @@ class Trainer:
             metrics.print("reconstruction pictures are not drawn with pipeline_stages > 1 (no rank holds the "
                           "whole model); the losses are logged as usual")
         self.fixed_batch: Batch | None = None
-        self.stop = checkpoint.StopSignal()
+        self.stop = StopSignal()
+        self.stop_agreed = False
         self.bad_in_a_row = 0
+        # Each step's reduced flags, copied to the host in the background and read a step later.
+        self.pending: deque[tuple[int, comm.HostCopy]] = deque()
         self.fault_nan_steps = {int(s) for s in os.environ.get("PRETRAIN_FAULT_NAN_STEPS", "").split(",") if s}
         self.flops_per_image = train_flops_per_image(cfg.model.arch, cfg.model.img_size, cfg.model.window_size,
                                                      client_state.get("num_classes", 0))
-        self.peak_flops = device_peak_flops(cfg.log.peak_tflops)
+        self.peak_flops, peak_source = peak_flops_and_source(cfg.log.peak_tflops)
+        metrics.print(f"MFU peak: {peak_source}")
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -81,10 +87,8 @@ class Trainer:
 
     def skipped_counts(self) -> tuple[int, int]:
         """(samples skipped over all ranks in the whole run, most skipped by one rank in this process). Collective."""
-        total = torch.tensor([self.skipped_here * self.counts], dtype=torch.int64)
-        most = total.clone()
-        dist.all_reduce(total)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        here = self.skipped_here * self.counts
+        total, most = comm.to_host(comm.all_reduce([here])) + comm.to_host(comm.all_reduce([here], op="max"))
         return self.state.skipped_samples + int(total), int(most)
 
     def save(self) -> None:
@@ -96,62 +100,54 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------
 
-    def _local_grad_norm(self) -> float:
+    def _local_grad_norm(self) -> torch.Tensor:
         """Global gradient norm from the module's gradients (already averaged over data-parallel
         ranks at the boundary); DeepSpeed records it itself except for plain fp32 data parallelism.
 
         Each pipeline stage and tensor-parallel shard adds its own part; a tensor replicated
-        over a tensor-parallel group is counted on the group's first rank only.
+        over a tensor-parallel group is counted on the group's first rank only. A device
+        scalar: read at log steps.
         """
-        square = torch.zeros((), dtype=torch.float64)
-        for p in self.engine.module.parameters():
-            if p.grad is not None and (self.topo.tp_rank == 0 or getattr(p, "model_parallel", False)):
-                square += p.grad.double().square().sum()
-        dist.all_reduce(square)
-        return float((square / self.topo.dp_size).sqrt())
-
-    def _mean_over_ranks(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return (t / self.topo.world_size).tolist()
+        grads = [p.grad for p in self.engine.module.parameters()
+                 if p.grad is not None and (self.topo.tp_rank == 0 or getattr(p, "model_parallel", False))]
+        square = torch.stack([g.double().square().sum() for g in grads]).sum() if grads \
+            else torch.zeros((), dtype=torch.float64, device=comm.device())
+        return (comm.all_reduce(square) / self.topo.dp_size).sqrt()
 
     def fit(self) -> dict[str, float]:
         """Train to `schedule.total_steps`; raises Preempted (after a checkpoint) or Diverged."""
         cfg = self.cfg
         total = cfg.schedule.total_steps
         batches = iter(train_loader(cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size,
-                                    self.state.step)) if self.reads_data else iter(())
+                                    self.state.step, pin_memory=self.pin_memory)) if self.reads_data else iter(())
         preprocess = BatchPreprocess(cfg, training=True, device=self.device)
         self.engine.train()
         window = Window()
         last_eval: dict[str, float] = {}
         while self.state.step < total:
-            step = self._pipeline_step if self.pipelined else self._train_step
-            if step(batches, preprocess, window):
-                self.bad_in_a_row = 0
-            else:
-                self.bad_in_a_row += 1
-                self.state.skipped_steps += 1
-                self.metrics.print(f"step {self.state.step + 1}: non-finite loss, update skipped "
-                                   f"({self.bad_in_a_row} in a row)")
-                if self.bad_in_a_row >= cfg.run.max_bad_steps:
-                    raise Diverged(f"stopping: {self.bad_in_a_row} consecutive steps had a non-finite loss "
-                                   f"(run.max_bad_steps); the last checkpoint "
-                                   f"{checkpoint.latest_tag(checkpoint.checkpoint_dir(cfg.run_dir))} is intact")
-            self.state.step += 1
+            step = self.state.step + 1
+            log_now = step % cfg.log.every_steps == 0 or step == total
+            take_step = self._pipeline_step if self.pipelined else self._train_step
+            flags = take_step(batches, preprocess, window, log_now)
+            self.state.step = step
             self.state.samples_seen += cfg.batch.global_batch
-            step = self.state.step
-            if step % cfg.log.every_steps == 0 or step == total:
+            self.pending.append((step, comm.HostCopy(flags)))
+            self._settle(step - 1)  # the previous step's flags: copied by now, read without a stall
+            saving = step % cfg.checkpoint.every_steps == 0 or step == total
+            if log_now or saving:
+                self._settle(step)
+            if log_now:
                 self._log_train(step, window)
                 window = Window()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != total:
                 last_eval = self.evaluate()
             if self.show_images and cfg.log.images_every_steps and step % cfg.log.images_every_steps == 0:
                 self.log_images()
-            if step % cfg.checkpoint.every_steps == 0 or step == total:
+            if saving:
                 self.save()
-            if self.stop.agreed():
-                if step % cfg.checkpoint.every_steps and step != total:
+            if self.stop_agreed:
+                if not saving:
+                    self._settle(step)
                     self.save()
                 # The marker tells the batch script to requeue even if srun reports another exit
                 # code (it may kill slower ranks once the first one has exited).
@@ -169,42 +165,79 @@ class Trainer:
                            f"{skipped} undecodable samples skipped, {self.state.skipped_steps} steps skipped")
         return last_eval
 
-    def _train_step(self, batches: Iterator[Batch], preprocess: BatchPreprocess, window: Window) -> bool:
-        """One optimizer step over `accum` micro-batches; False if it was skipped for a non-finite loss.
+    @property
+    def pin_memory(self) -> bool:
+        return self.cfg.parallel.pin_memory and self.device.type == "cuda"
 
-        A non-finite loss on any rank makes every rank back-propagate a zero loss on a blank
-        batch instead (DeepSpeed's accumulation stays in step) and apply the update at LR 0,
-        which leaves the weights unchanged.
+    def _settle(self, through: int) -> None:
+        """Act on the reduced flags of every step up to `through`: skipped steps, divergence, stop."""
+        cfg = self.cfg
+        while self.pending and self.pending[0][0] <= through:
+            step, copy = self.pending.popleft()
+            flags = copy.values()
+            if flags[STOP] > 0:
+                self.stop_agreed = True
+            if flags[BAD] == 0:
+                self.bad_in_a_row = 0
+                continue
+            self.bad_in_a_row += 1
+            self.state.skipped_steps += 1
+            self.metrics.print(f"step {step}: non-finite loss, update skipped ({self.bad_in_a_row} in a row)")
+            if self.bad_in_a_row >= cfg.run.max_bad_steps:
+                raise Diverged(f"stopping: {self.bad_in_a_row} consecutive steps had a non-finite loss "
+                               f"(run.max_bad_steps); the last checkpoint "
+                               f"{checkpoint.latest_tag(checkpoint.checkpoint_dir(cfg.run_dir))} is intact")
+
+    def _step_flags(self, bad: torch.Tensor, loss_sum: torch.Tensor) -> torch.Tensor:
+        """[bad, stop, loss sum] of this rank, summed over all ranks: the step's one collective."""
+        stop = torch.ones_like(bad) if self.stop.received else torch.zeros_like(bad)
+        return comm.all_reduce(torch.stack([bad, stop, loss_sum]))
+
+    def _next_batch(self, batches: Iterator[Batch], window: Window) -> Batch:
+        t_wait = time.time()
+        batch = next(batches)
+        window.wait += time.time() - t_wait
+        self.skipped_here += batch.skipped
+        return batch
+
+    def _train_step(self, batches: Iterator[Batch], preprocess: BatchPreprocess, window: Window,
+                    log_now: bool) -> torch.Tensor:
+        """One optimizer step over `accum` micro-batches; returns the step's reduced flags.
+
+        Nothing is read on the host: the losses and the "not finite" flag stay on the device
+        and travel in one small all-reduce at the accumulation boundary, before the update.
+        A non-finite loss on any rank makes every rank's update a no-op: our optimizers skip
+        it on the device (`skip_update_if`), DeepSpeed's ZeRO optimizers skip a step whose
+        gradient norm is not finite themselves.
         """
         lr = self.schedule.lr(self.state.step)
         set_lr(self.engine.optimizer, lr)
-        finite, grad_norm, losses = True, None, []
-        for _ in range(self.engine.gradient_accumulation_steps()):
-            t_wait = time.time()
-            batch = next(batches)
-            window.wait += time.time() - t_wait
-            self.skipped_here += batch.skipped
-            loss = self.objective.loss(*self._forward(batch, preprocess, training=True))
+        accum = self.engine.gradient_accumulation_steps()
+        bad = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        grad_norm = None
+        for micro in range(accum):
+            loss = self.objective.loss(*self._forward(self._next_batch(batches, window), preprocess, training=True))
             if self.state.step + 1 in self.fault_nan_steps and self.topo.rank == 0:
                 loss = loss * float("nan")  # fault injection for tests (PRETRAIN_FAULT_NAN_STEPS)
-            if not self._finite_everywhere(loss):
-                finite = False
-                blank = batch._replace(images=torch.zeros_like(batch.images))
-                loss = self.objective.loss(*self._forward(blank, preprocess, training=True)) * 0.0
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+            loss_sum = loss_sum + loss.detach().float() / accum
             self.engine.backward(loss)
-            if self.engine.is_gradient_accumulation_boundary():
-                if not finite:
-                    set_lr(self.engine.optimizer, 0.0)
-                if self.norm_not_recorded:
+            if micro == accum - 1:
+                flags = self._step_flags(bad, loss_sum)
+                if self.skip_target is not None:
+                    skip_update_if(self.skip_target, flags[BAD:BAD + 1])
+                if log_now and self.norm_not_recorded:
                     grad_norm = self._local_grad_norm()
             self.engine.step()
-            losses.append(loss.item())
-        window.add(lr, sum(losses) / len(losses) if finite else None,
-                   grad_norm if grad_norm is not None else float(self.engine.get_global_grad_norm() or 0.0))
-        return finite
+        if log_now and grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        window.add(lr, flags, grad_norm)
+        return flags
 
-    def _pipeline_step(self, batches: Iterator[Batch], preprocess: BatchPreprocess, window: Window) -> bool:
-        """One optimizer step through DeepSpeed's pipeline schedule; False if the loss was not finite.
+    def _pipeline_step(self, batches: Iterator[Batch], preprocess: BatchPreprocess, window: Window,
+                       log_now: bool) -> torch.Tensor:
+        """One optimizer step through DeepSpeed's pipeline schedule; returns the step's reduced flags.
 
         The update cannot be withdrawn afterwards here: bf16/fp16 runs rely on DeepSpeed's
         overflow check to skip it, and `run.max_bad_steps` stops a run that keeps failing.
@@ -217,42 +250,40 @@ class Trainer:
                 if not self.reads_data:  # the last stage's "labels": unused, the targets are carried
                     yield NO_DATA
                     continue
-                t_wait = time.time()
-                batch = next(batches)
-                window.wait += time.time() - t_wait
-                self.skipped_here += batch.skipped
+                batch = self._next_batch(batches, window)
                 images = preprocess(batch.images.to(self.device, non_blocking=True))
                 inputs, targets = self.objective.prepare(images, batch, True)
                 yield pack((inputs[0].to(self.dtype), *inputs[1:]), targets), NO_DATA[1]
 
-        loss = self.engine.train_batch(data_iter=micro_batches()).float()
-        finite = bool(torch.isfinite(loss).item())  # the same on every rank: DeepSpeed broadcasts it
-        grad_norm = self.engine.get_global_grad_norm()
-        window.add(lr, loss.item() if finite else None, float(grad_norm or 0.0))
-        return finite
-
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor([0 if torch.isfinite(loss).item() else 1], dtype=torch.int32)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0
+        # DeepSpeed broadcasts the last stage's loss to every stage.
+        loss = self.engine.train_batch(data_iter=micro_batches()).detach().float().to(self.device)
+        flags = self._step_flags((~torch.isfinite(loss)).float(), loss)
+        window.add(lr, flags, self.engine.get_global_grad_norm() if log_now else None)
+        return flags
 
     def _log_train(self, step: int, window: Window) -> None:
         cfg = self.cfg
-        loss, wait = self._mean_over_ranks([window.mean_loss(), window.wait])
+        loss = window.mean_loss(self.topo.world_size)
+        allocated, reserved = memory_gb()
+        wait_sum, = comm.to_host(comm.all_reduce([window.wait]))
+        most_allocated, most_reserved = comm.to_host(comm.all_reduce([allocated, reserved], op="max"))
+        wait = wait_sum / self.topo.world_size
+        grad_norm = host_number(window.grad_norm)
         skipped_total, skipped_max = self.skipped_counts()
         elapsed = max(1e-9, time.time() - window.start)
         images_per_s = window.steps * cfg.batch.global_batch / elapsed
         scalars = {
             "train/loss": loss,
             "train/lr": window.lr,
-            "train/grad_norm": window.grad_norm,
+            "train/grad_norm": grad_norm,
             "train/images_per_s": images_per_s,
             "train/images_per_s_per_gpu": images_per_s / self.topo.world_size,
             "train/data_wait_pct": 100.0 * wait / elapsed,
             "train/samples_seen": self.state.samples_seen,
             "train/epoch": self.state.samples_seen / max(1, self.dataset["splits"]["train"]["samples"]),
             "train/skipped_steps": self.state.skipped_steps,
-            "train/peak_memory_gb": peak_memory_gb(),
+            "train/memory_allocated_gb": most_allocated,
+            "train/memory_reserved_gb": most_reserved,
             "data/skipped_samples": skipped_total,
             "data/skipped_samples_max_rank": skipped_max,
         }
@@ -265,8 +296,9 @@ class Trainer:
         eta = (cfg.schedule.total_steps - step) * elapsed / window.steps
         self.metrics.print(
             f"step {step}/{cfg.schedule.total_steps}  loss {loss:.4f}  lr {window.lr:.3g}  "
-            f"grad {window.grad_norm:.3f}  {images_per_s:.1f} img/s  "
-            f"data wait {scalars['train/data_wait_pct']:.0f}%  epoch {scalars['train/epoch']:.2f}"
+            f"grad {grad_norm:.3f}  {images_per_s:.1f} img/s  "
+            f"data wait {scalars['train/data_wait_pct']:.0f}%  mem {most_allocated:.1f}/{most_reserved:.1f} GB  "
+            f"epoch {scalars['train/epoch']:.2f}"
             + (f"  mfu {100 * scalars['train/mfu']:.1f}%" if "train/mfu" in scalars else "")
             + (f"  skipped {int(skipped_total)}" if skipped_total else "")
             + f"  eta {format_duration(eta)}"
@@ -294,8 +326,8 @@ class Trainer:
             self.engine.module.loss_fn.evaluating = True
         sums = None
         skipped = 0
-        batches = iter(eval_loader(self.cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size)) \
-            if self.reads_data else iter(())
+        batches = iter(eval_loader(self.cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size,
+                                   pin_memory=self.pin_memory)) if self.reads_data else iter(())
         preprocess = BatchPreprocess(self.cfg, training=False, device=self.device)
         while True:
             batch = next(batches, None)
@@ -305,20 +337,20 @@ class Trainer:
             # Ranks may hold different numbers of batches; with ZeRO-3 (and a pipeline) every
             # forward is a collective, so a rank that ran out runs a zero-weight dummy batch
             # until all are done.
-            more = torch.tensor([0.0 if batch is None else 1.0])
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-            if more.item() == 0:
+            if comm.to_host(comm.all_reduce([0.0 if batch is None else 1.0], op="max"))[0] == 0:
                 break
-            valid = torch.zeros(1) if batch is None else torch.ones(batch.labels.shape[0])
+            valid = torch.zeros(1, device=self.device) if batch is None \
+                else torch.ones(batch.labels.shape[0], device=self.device)
             batch = self._dummy_batch() if batch is None else batch
             skipped += batch.skipped
             batch_sums = (self._pipeline_eval_sums if self.pipelined else self._eval_sums)(batch, valid, preprocess)
             if batch_sums is not None:
                 sums = batch_sums if sums is None else sums + batch_sums
         if sums is None:  # no validation data, or a pipeline stage that does not compute the loss
-            sums = torch.zeros(self.objective.eval_sums_size, dtype=torch.float64)
-        totals = torch.cat([sums, torch.tensor([float(skipped)], dtype=torch.float64)]) * self.counts
-        dist.all_reduce(totals)
+            sums = torch.zeros(self.objective.eval_sums_size, dtype=torch.float64, device=self.device)
+        mine = torch.cat([sums.double().to(self.device), torch.full((1,), float(skipped), dtype=torch.float64,
+                                                                    device=self.device)]) * self.counts
+        totals = torch.tensor(comm.to_host(comm.all_reduce(mine)), dtype=torch.float64)
         result = {**self.objective.eval_metrics(totals[:-1]), "eval/skipped": float(totals[-1])}
         self.metrics.log(self.state.step, result)
         shown = "  ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in result.items()
@@ -352,7 +384,7 @@ class Trainer:
         self.engine.total_loss = None
         out = self.engine.eval_batch(iter([micro]), compute_loss=True, reduce_output=None, bcast_loss=False,
                                      num_micro_batches=1)
-        return out[0].cpu() if self.engine.is_last_stage() else None
+        return out[0] if self.engine.is_last_stage() else None
 
     @torch.no_grad()
     def log_images(self) -> None:
