@@ -45,7 +45,7 @@ def test_update_equals_adamw_on_fp32_weights_with_clipping():
         norm = torch.nn.utils.clip_grad_norm_(reference_params, CLIP)
         reference.step()
         ours.step()
-        assert not ours.overflow and ours._global_grad_norm == pytest.approx(float(norm), rel=1e-6)
+        assert float(ours.skipped) == 0 and float(ours.global_grad_norm) == pytest.approx(float(norm), rel=1e-6)
         assert all(p.grad is None for p in params)
         masters = ours.state_dict()["fp32_groups"]
         for p, r, m in zip(params, reference_params, [masters[0][0], masters[1][0], masters[0][1]]):
@@ -67,11 +67,47 @@ def test_non_finite_gradient_skips_the_update_and_keeps_the_state():
     for p, g in zip(params, grads):
         p.grad = g
     ours.step()
-    assert ours.overflow and ours._global_grad_norm == float("inf")
+    assert float(ours.skipped) == 1 and float(ours.global_grad_norm) == float("inf")
+    assert not ours.overflow  # DeepSpeed never reads a device value on the host through it
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
     state_after = ours.masters.state[ours.masters.param_groups[0]["params"][0]]
     assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
     assert all(p.grad is None for p in params)
+
+
+def test_a_flag_from_the_trainer_skips_the_update_on_the_device():
+    params = _bf16_params()
+    ours = _optimizer(params)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, _grads(params, 0)):
+        p.grad = g
+    ours.skip_if = torch.ones(1)  # a loss was not finite on some rank
+    ours.step()
+    assert float(ours.skipped) == 1 and torch.isfinite(ours.global_grad_norm)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(float(s["step"]) == 0 for s in ours.masters.state.values())  # AdamW's step count rolled back
+    ours.skip_if = torch.zeros(1)
+    for p, g in zip(params, _grads(params, 1)):
+        p.grad = g
+    ours.step()
+    assert float(ours.skipped) == 0 and any(not torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("accumulate_fp32", [True, False])
+def test_gradients_of_many_micro_batches_accumulate_in_the_chosen_dtype(accumulate_fp32):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(256, 64).bfloat16())
+    ours = MixedPrecisionAdamW([{"params": [weight]}], 1e-3, (0.9, 0.999), 1e-8, 0.0, accumulate_fp32=accumulate_fp32)
+    inputs = [torch.randn(8, 256).bfloat16() for _ in range(16)]
+    for x in inputs:
+        (x @ weight).float().sum().backward()  # each micro-batch's bf16 gradient
+    exact = sum((x.float().t() @ torch.ones(8, 64)).bfloat16().float() for x in inputs)
+    held = ours.masters.param_groups[0]["params"][0].grad if accumulate_fp32 else weight.grad.float()
+    error = (held - exact).abs().max() / exact.abs().max()
+    if accumulate_fp32:
+        assert weight.grad is None and error < 1e-6  # summed in fp32 as each gradient arrived
+    else:
+        assert error > 1e-4  # bf16 sums lose digits with every micro-batch
 
 
 def test_state_dict_resumes_the_same_trajectory():

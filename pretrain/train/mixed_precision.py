@@ -96,11 +96,10 @@ class MixedPrecisionAdamW(torch.optim.Optimizer):
         for group, masters in zip(self.param_groups, self.masters.param_groups):
             for key in ("lr", "betas", "eps", "weight_decay"):  # the trainer sets the LR on this optimizer
                 masters[key] = group[key]
-        if not self.accumulate_fp32:
-            for p, m in self._pairs():
-                if p.grad is not None:
-                    m.grad = p.grad.float()
-                    p.grad = None
+        for p, m in self._pairs():  # bf16 gradients the hooks did not take (or all, without accumulate_fp32)
+            if p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
         pairs = [(p, m) for p, m in self._pairs() if m.grad is not None]
         grads = [m.grad for _, m in pairs]
         if not grads:
