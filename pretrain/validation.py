@@ -93,7 +93,7 @@ def validate(cfg: Config, world_size: int | None = None, check_data: bool = True
     need(0.0 < a.eval_crop_pct <= 1.0, f"augment.eval_crop_pct={a.eval_crop_pct} must be in (0, 1]")
 
     need(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
-    need(z.timeout_minutes > 0, f"parallel.timeout_minutes={z.timeout_minutes} must be > 0")
+    need(z.timeout_minutes > 0, f"parallel.timeout_minutes={z.timeout_minutes:g} must be > 0")
     # A stall must end in our one-line error (exit 5), before the process group's watchdog aborts.
     need(0 < cfg.data.stall_timeout_s < 60 * z.timeout_minutes,
          f"data.stall_timeout_s={cfg.data.stall_timeout_s:g} must be > 0 and below parallel.timeout_minutes x 60 "

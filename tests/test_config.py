@@ -139,3 +139,35 @@ def test_shipped_configs_are_valid(shards, path):
 
     # The laptop configs run on 2 processes, the 22K recipes on 2 nodes x 8 GPUs.
     validate(cfg, world_size=2 if path.startswith("demo") else 16)
+
+
+def test_a_data_stall_must_end_before_the_process_group_timeout(shards):
+    assert load(shards).parallel.timeout_minutes == 30
+    assert "data.stall_timeout_s=1800 must be > 0 and below parallel.timeout_minutes x 60 = 1800 s" in \
+        error_of(shards, "data.stall_timeout_s=1800")
+    assert "data.stall_timeout_s=0 must be > 0" in error_of(shards, "data.stall_timeout_s=0")
+    assert load(shards, "parallel.timeout_minutes=60", "data.stall_timeout_s=1800").data.stall_timeout_s == 1800
+    assert "parallel.timeout_minutes=0 must be > 0" in error_of(shards, "parallel.timeout_minutes=0")
+
+
+def test_fp32_gradient_accumulation_under_model_parallelism_needs_zero1(shards):
+    message = error_of(shards, "parallel.tensor_parallel=2", "parallel.zero_stage=0", "batch.global_batch=32",
+                       world="2")
+    assert "parallel.grad_accum_dtype=fp32 with bf16 under pipeline/tensor parallelism needs " \
+           "parallel.zero_stage=1" in message
+    load(shards, "parallel.tensor_parallel=2", "parallel.zero_stage=0", "parallel.grad_accum_dtype=bf16",
+         "batch.global_batch=32", world="2")
+
+
+def test_gpu_facts_are_checked_before_start_up(shards):
+    from pretrain.validation import DeviceFacts, validate_devices
+
+    cfg = load(shards, "parallel.tensor_parallel=2", "parallel.zero_stage=1", "batch.global_batch=32", world="2")
+    h100 = DeviceFacts("NVIDIA H100 80GB HBM3", bf16=True, gpus_on_node=8, ranks_on_node=8)
+    validate_devices(cfg, 2, h100)
+    with pytest.raises(ConfigError, match="precision=bf16: Tesla V100-SXM2-32GB does not compute in bf16"):
+        validate_devices(cfg, 2, DeviceFacts("Tesla V100-SXM2-32GB", bf16=False, gpus_on_node=8, ranks_on_node=8))
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel=2 is larger than the 1 GPUs of one node"):
+        validate_devices(cfg, 2, DeviceFacts("NVIDIA H200", bf16=True, gpus_on_node=1, ranks_on_node=1))
+    with pytest.raises(ConfigError, match="8 ranks on this node but 4 GPUs: start at most one rank per GPU"):
+        validate_devices(cfg, 2, DeviceFacts("NVIDIA H200", bf16=True, gpus_on_node=4, ranks_on_node=8))

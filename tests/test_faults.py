@@ -206,3 +206,30 @@ def test_mutated_configs_through_the_command_line(tmp_path, shards):
                               env=cpu_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+OOM_AT_FIRST_STEP = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from pretrain import main as entry
+from pretrain.train.trainer import Trainer
+def fit(self):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+Trainer.fit = fit
+sys.exit(entry.main(sys.argv[1:]))
+"""
+
+
+@slow
+def test_out_of_memory_is_one_line_with_the_layout_and_the_planner_command(tmp_path, shards):
+    run_dir = tmp_path / "oom"
+    cmd = training_command(run_dir, shards, "schedule.total_steps=4", "precision=fp32")
+    cmd = [sys.executable, "-c", OOM_AT_FIRST_STEP.format(repo=str(REPO)), *cmd[cmd.index("pretrain/main.py") + 1:]]
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 6, proc.stderr[-3000:]
+    line = [text for text in proc.stderr.splitlines() if text.startswith("out of GPU memory")]
+    assert len(line) == 1, proc.stderr[-3000:]
+    assert "on rank 0 at step 1: layout data 1 x pipeline 1 x tensor 1, ZeRO-2, batch.micro_batch=16, " \
+           "precision=fp32, activation_checkpointing=none" in line[0]
+    assert "`python -m pretrain.plan --config configs/demo.yaml --set " in line[0] and "--gpus 1" in line[0]
+    assert "Traceback" not in proc.stderr
