@@ -161,6 +161,8 @@ class SpeedConfig:
     sdpa_attention: bool = field(False, "Window attention through scaled_dot_product_attention with the bias as "
                                         "mask (timm's fused path).")
     compile: bool = field(False, "torch.compile every Swin block (pays off on GPUs; slower on CPU).")
+    tf32: bool = field(True, "CUDA, precision=fp32: matrix multiplications on TF32 tensor cores (10-bit "
+                             "mantissa inputs, fp32 accumulation).")
 
 
 @dataclass

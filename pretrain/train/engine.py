@@ -49,6 +49,9 @@ class Training:
 def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal: bool = False) -> Training:
     import deepspeed
 
+    if topo.device.type == "cuda":
+        # fp32 matmuls on the tensor cores as TF32 unless asked not to (torch's default is full fp32).
+        torch.set_float32_matmul_precision("high" if cfg.speed.tf32 else "highest")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     objective = build_objective(cfg, num_classes)
     model = objective.build_model()
