@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "label_map_version": dataset.get("label_map_version"),
         "param_group_names": training.param_group_names,
     }
-    trainer = Trainer(cfg, topo, training.engine, training.objective, training.schedule, dataset, img_size,
-                      metrics, client_state, training.skip_target)
+    trainer = Trainer(cfg, topo, training, dataset, img_size, metrics, client_state)
     status = 0
     try:
         if resume_point is not None:

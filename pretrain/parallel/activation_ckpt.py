@@ -44,6 +44,7 @@ def _recomputed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
             return forward(x)
         return checkpoint(forward, x, use_reentrant=False)
 
+    run.recompute_wrapper = _recomputed  # type: ignore[attr-defined]  # see set_block_forward
     return run
 
 
@@ -58,7 +59,18 @@ def _recomputed_by_deepspeed(forward: Callable[[torch.Tensor], torch.Tensor]) ->
             x = x.detach().requires_grad_()
         return deepspeed.checkpointing.checkpoint(forward, x)
 
+    run.recompute_wrapper = _recomputed_by_deepspeed  # type: ignore[attr-defined]
     return run
+
+
+def set_block_forward(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Make `forward` the block's computation, inside its recompute wrapper if it has one.
+
+    So a compiled forward installed after checkpointing is still what gets recomputed,
+    and checkpointing applied later wraps it like any other forward.
+    """
+    wrap = getattr(block.__dict__.get("forward"), "recompute_wrapper", None)
+    block.forward = wrap(forward) if wrap else forward
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 1, by_deepspeed: bool = False,

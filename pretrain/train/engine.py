@@ -25,7 +25,7 @@ import torch
 from pretrain.config import Config
 from pretrain.models.backbones import load_backbone_weights
 from pretrain.models.objectives import build_objective
-from pretrain.models.speed import apply_speedups
+from pretrain.models.speed import CompileSummary, apply_speedups
 from pretrain.parallel.activation_ckpt import apply_activation_checkpointing, configure_deepspeed_checkpointing
 from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.pipeline import build_pipeline
@@ -44,6 +44,7 @@ class Training:
     param_group_names: list[list[str]]
     init_message: str = ""
     skip_target: Any = None  # the optimizer to hand the trainer's "skip this update" flag (train/optim.py)
+    compile_summary: CompileSummary | None = None  # what speed.compile did, reported after the first step
 
 
 def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal: bool = False) -> Training:
@@ -67,7 +68,7 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
         configure_deepspeed_checkpointing(p.partition_activations, p.cpu_checkpointing, topo)
     apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k, by_deepspeed)
     apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
-    apply_speedups(model, cfg.speed.sdpa_attention, cfg.speed.compile)
+    compile_summary = apply_speedups(model, cfg.speed.sdpa_attention, cfg.speed.compile)
     groups, group_names = param_groups(model, cfg.optim.weight_decay)  # named as in the whole model
     module, mpu = model, topo.grid
     if topo.pipeline > 1:
@@ -95,7 +96,7 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     # ZeRO 1-3 skip a step whose gradient norm is not finite themselves (DeepSpeed's check);
     # without ZeRO the trainer flags it on our optimizer. Pipelines step inside DeepSpeed.
     skip_target = optimizer if p.zero_stage == 0 and topo.pipeline == 1 else None
-    return Training(engine, objective, schedule, group_names, "\n".join(messages), skip_target)
+    return Training(engine, objective, schedule, group_names, "\n".join(messages), skip_target, compile_summary)
 
 
 def seed_everything(seed: int) -> None:

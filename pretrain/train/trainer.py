@@ -25,7 +25,8 @@ from pretrain.parallel.pipeline import NO_DATA, pack, padded
 from pretrain.parallel.topology import Topology
 from pretrain.train import checkpoint
 from pretrain.train.metrics import Metrics
-from pretrain.train.optim import WarmupCosine, set_lr, skip_update_if
+from pretrain.train.engine import Training
+from pretrain.train.optim import set_lr, skip_update_if
 from pretrain.train.preemption import StopSignal
 from pretrain.train.progress import BAD, STOP, TrainState, Window, format_duration, host_number, memory_gb
 
@@ -38,19 +39,19 @@ class Diverged(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, topo: Topology, engine: Any, objective: Any, schedule: WarmupCosine,
-                 dataset: dict[str, Any], img_size: int, metrics: Metrics, client_state: dict[str, Any],
-                 skip_target: Any = None):
+    def __init__(self, cfg: Config, topo: Topology, training: Training, dataset: dict[str, Any], img_size: int,
+                 metrics: Metrics, client_state: dict[str, Any]):
         self.cfg = cfg
         self.topo = topo
-        self.engine = engine
-        self.objective = objective
-        self.schedule = schedule
+        self.engine = engine = training.engine
+        self.objective = training.objective
+        self.schedule = training.schedule
+        self.skip_target = training.skip_target  # told to skip a step with a non-finite loss (train/optim.py)
+        self.compile_summary = training.compile_summary
         self.dataset = dataset
         self.img_size = img_size
         self.metrics = metrics
         self.client_state = client_state  # constant facts saved with every checkpoint
-        self.skip_target = skip_target  # optimizer told to skip a step with a non-finite loss (train/optim.py)
         self.dtype = DTYPES[cfg.precision]
         self.device = engine.device
         self.state = TrainState()
@@ -124,11 +125,15 @@ class Trainer:
         self.engine.train()
         window = Window()
         last_eval: dict[str, float] = {}
+        self.start_step = self.state.step
         while self.state.step < total:
             step = self.state.step + 1
             log_now = step % cfg.log.every_steps == 0 or step == total
             take_step = self._pipeline_step if self.pipelined else self._train_step
+            started = time.time()
             flags = take_step(batches, preprocess, window, log_now)
+            if self.compile_summary is not None and step == self.start_step + 1:
+                self._report_compile(started)
             self.state.step = step
             self.state.samples_seen += cfg.batch.global_batch
             self.pending.append((step, comm.HostCopy(flags)))
@@ -164,6 +169,12 @@ class Trainer:
         self.metrics.print(f"finished: {self.state.step} steps, {self.state.samples_seen} samples seen, "
                            f"{skipped} undecodable samples skipped, {self.state.skipped_steps} steps skipped")
         return last_eval
+
+    def _report_compile(self, started: float) -> None:
+        """Once, after the first (compiling) step: every block compiled, into how many graphs, in how long."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # one wait, once, so the time is the whole first step's
+        self.metrics.print(self.compile_summary.describe(time.time() - started))
 
     @property
     def pin_memory(self) -> bool:
