@@ -28,6 +28,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from launch.env import LaunchError
 from pretrain.config import ConfigError, dump_config, load_config
 
 
@@ -83,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO still calls this collective under its deprecated name; not actionable for users.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
-    topo = discover(cfg.parallel.pipeline_stages, cfg.parallel.tensor_parallel)
-    init_distributed(topo, cfg.parallel.timeout_minutes)
+    try:
+        topo = discover(cfg.parallel.pipeline_stages, cfg.parallel.tensor_parallel)
+        init_distributed(topo, cfg.parallel.timeout_minutes)
+    except LaunchError as e:
+        print(f"launch error: {e}", file=sys.stderr)
+        return 2
 
     dataset = dataset_info(cfg.data.root)
     num_classes = cfg.objective.num_classes or len(dataset["classes"])

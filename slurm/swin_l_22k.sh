@@ -6,6 +6,8 @@
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
+# 12 CPUs per task (96 per node): the training process and its 10 data workers (data.workers);
+# launch/slurm_job.sh hands them to srun and binds them to cores where the cluster can.
 #SBATCH --cpus-per-task=12
 #SBATCH --time=48:00:00
 #SBATCH --signal=B:USR1@180

@@ -39,14 +39,28 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+def cancel(job: str) -> None:
+    """Stop `job` for good: the job body takes scancel's SIGTERM for a preemption and requeues
+    the job, which a second scancel (of the pending job) ends."""
+    subprocess.run(["scancel", job], check=False)
+    deadline = time.time() + 60
+    while time.time() < deadline and job_state(job).get("JobState") in ("RUNNING", "COMPLETING"):
+        time.sleep(1)
+    subprocess.run(["scancel", job], check=False)
+
+
+CPUS_PER_TASK = 2  # not Slurm's default of 1, so that it shows whether the tasks got what the job asked
+
+
 def submit(script: str, run_dir: Path, shards: Path, steps: int) -> str:
-    """Our production sbatch script, shrunk to 2 CPU nodes x 1 task and the demo model/data."""
+    """Our production sbatch script, shrunk to 2 CPU nodes x 1 task of CPUS_PER_TASK CPUs and the demo model/data."""
     sets = [f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", "model.arch=swin_debug",
             "model.img_size=0", "model.window_size=0", "objective.num_classes=0", f"data.root={shards}",
             "data.workers=1", "batch.micro_batch=16", "batch.global_batch=32", f"schedule.total_steps={steps}",
             "schedule.warmup_steps=5", "checkpoint.every_steps=1000", "log.every_steps=5", "eval.every_steps=0"]
-    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
-           "--time=15", f"--output={run_dir.parent}/slurm-%j.out", script] + [a for s in sets for a in ("--set", s)]
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--cpus-per-task={CPUS_PER_TASK}",
+           "--gpus-per-node=0", "--time=15", f"--output={run_dir.parent}/slurm-%j.out", script]
+    cmd += [a for s in sets for a in ("--set", s)]
     out = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, check=True).stdout
     return out.strip().split(";")[0]
 
@@ -67,7 +81,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, shards, target
         # an earlier start races with the credential's revocation, so the test waits it out.
         wait_for(lambda: job_state(job).get("JobState") == "COMPLETED", 420, "the requeued job to finish")
     finally:
-        subprocess.run(["scancel", job], check=False)
+        cancel(job)
     log = (run_dir.parent / f"slurm-{job}.out").read_text()
     stopped = int(re.search(r"stopped at step (\d+) on SIGUSR1", log).group(1))
     assert f"resumed from step {stopped}" in log and "requeueing job" in log
@@ -75,6 +89,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, shards, target
     assert steps[-1] == 200 and steps == sorted(steps)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000200"
     assert (run_dir / "logs" / "rank1.log").is_file()
+    # srun is handed the job's CPUs per task (Slurm 22.05-23.02 would start each task with
+    # one), and the first task of each node reports what it got, in both runs of the job.
+    assert log.count(f"srun --kill-on-bad-exit=1 --cpus-per-task={CPUS_PER_TASK}") == 2
+    reported = re.findall(r"^rank (\d+) on \S+: (\d+) CPUs \(SLURM_CPUS_PER_TASK=(\S+)\)$", log, re.MULTILINE)
+    assert sorted(rank for rank, _, _ in reported) == ["0", "0", "1", "1"], reported
+    assert all(int(cpus) >= CPUS_PER_TASK and asked == str(CPUS_PER_TASK) for _, cpus, asked in reported), reported
 
 
 @needs_slurm

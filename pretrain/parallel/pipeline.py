@@ -18,13 +18,18 @@ first stage to the last. Only the first stage reads data, so augmentation and Mi
 happen once and the last stage computes the loss on exactly the targets that go with
 the images, whatever each stage's random state.
 
+Process groups: DeepSpeed's PipelineModule builds a copy of the world group and a grid of
+its own; here it is handed the run's grid (topology.py) and the world group instead, so a
+pipeline run holds one set of groups (each NCCL group keeps its own buffers on the GPU).
+
 Parameter names: each layer maps its own state-dict keys to the full model's
 (`full_names`), which export uses to put the per-layer checkpoint files back together.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -180,12 +185,46 @@ def unpack(carry: list[torch.Tensor]) -> Any:
     return carry[0] if len(carry) == 1 else tuple(carry)
 
 
-class SwinPipeline(PipelineModule):
-    """DeepSpeed's PipelineModule, cut at the given stage bounds (see `stage_bounds`)."""
+class _ReuseWorldGroup:
+    """DeepSpeed's comm module, except that a new group of every rank is the world group."""
 
-    def __init__(self, layers: list[nn.Module], bounds: list[int], **kwargs: Any):
+    def __init__(self, comm: Any):
+        self._comm = comm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._comm, name)
+
+    def new_group(self, ranks: Any) -> Any:
+        if list(ranks) == list(range(self._comm.get_world_size())):
+            return self._comm.get_world_group()
+        return self._comm.new_group(ranks)
+
+
+@contextmanager
+def _existing_groups(grid: Any) -> Iterator[None]:
+    """While a PipelineModule is built: its grid is `grid` and its world group is the world.
+
+    PipelineModule.__init__ has no parameter for either; it builds both from the names it
+    imported, so those names are pointed at the existing groups for the constructor's run.
+    """
+    from deepspeed.runtime.pipe import module as pipe_module
+
+    saved = pipe_module.PipelineParallelGrid, pipe_module.dist
+    pipe_module.PipelineParallelGrid = lambda topology=None, process_group=None: grid
+    pipe_module.dist = _ReuseWorldGroup(saved[1])
+    try:
+        yield
+    finally:
+        pipe_module.PipelineParallelGrid, pipe_module.dist = saved
+
+
+class SwinPipeline(PipelineModule):
+    """DeepSpeed's PipelineModule over an existing grid, cut at the given stage bounds (see `stage_bounds`)."""
+
+    def __init__(self, layers: list[nn.Module], bounds: list[int], grid: Any, **kwargs: Any):
         self.bounds = bounds  # read by _partition_layers, which PipelineModule.__init__ calls
-        super().__init__(layers=layers, **kwargs)
+        with _existing_groups(grid):
+            super().__init__(layers=layers, topology=grid.topology(), **kwargs)
 
     def _partition_layers(self, method: str = "") -> None:
         self.parts = self.bounds
@@ -193,12 +232,11 @@ class SwinPipeline(PipelineModule):
 
 
 def build_pipeline(model: nn.Module, objective: Any, topo: Any, partition: str) -> SwinPipeline:
-    """`model` as a DeepSpeed pipeline over `topo`'s stages, cut by method `partition`."""
+    """`model` as a DeepSpeed pipeline over `topo`'s stages (and its grid), cut by method `partition`."""
     layers = pipeline_layers(model)
     flops = None
     if partition == "flops":
         with torch.device("meta"):
             flops = layer_flops(objective.build_model())
-    return SwinPipeline(layers, stage_bounds(partition, layers, topo.pipeline, flops),
-                        topology=topo.deepspeed_topology(), loss_fn=PipelineLoss(objective),
-                        activation_checkpoint_interval=0)
+    return SwinPipeline(layers, stage_bounds(partition, layers, topo.pipeline, flops), topo.grid,
+                        loss_fn=PipelineLoss(objective), activation_checkpoint_interval=0)

@@ -8,11 +8,16 @@ the ones that share a node's fast links):
     rank = stage * (data * tensor) + data_rank * tensor + tensor_rank
 
 fairscale's own `initialize_model_parallel` orders ranks data-major, so it is never
-called: its tensor-parallel and data-parallel groups are set to the grid's groups here.
+called: its tensor-parallel and data-parallel groups are set to the grid's groups here,
+and the pipeline module reuses the same grid (pipeline.py): one set of groups per run.
+
+Every group, the default one and each made later by any library, waits at most the run's
+`parallel.timeout_minutes` in a collective.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +25,8 @@ from typing import Any
 
 import torch
 
-from launch.env import rank_environment
+from launch.env import local_world_size, pick_cuda_device, rank_environment
+from pretrain.config import ParallelConfig
 
 
 @dataclass
@@ -33,6 +39,10 @@ class Topology:
     # DeepSpeed's PipelineParallelGrid over this layout, made by init_distributed when a
     # model-parallel degree is > 1 (None for pure data parallelism); DeepSpeed's `mpu`.
     grid: Any = field(default=None, repr=False)
+    local_world: int | None = None  # ranks on this node, when the launcher says (launch/env.py)
+    # Where this rank's collectives run: its GPU under NCCL, the CPU under gloo (set by
+    # init_distributed). Tensors handed to a collective must live here.
+    device: torch.device = torch.device("cpu")
 
     def __post_init__(self) -> None:
         if self.world_size % (self.pipeline * self.tensor):
@@ -83,6 +93,7 @@ def discover(pipeline: int = 1, tensor: int = 1) -> Topology:
         world_size=int(os.environ["WORLD_SIZE"]),
         pipeline=pipeline,
         tensor=tensor,
+        local_world=local_world_size(),
     )
 
 
@@ -90,17 +101,45 @@ def on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
 
 
-def init_distributed(topo: Topology) -> None:
-    """Start the default process group: NCCL on GPUs, gloo on CPU."""
+def init_distributed(topo: Topology, timeout_minutes: float = ParallelConfig.timeout_minutes) -> None:
+    """Start the default process group (NCCL on GPUs, gloo on CPU) with a collective timeout
+    of `timeout_minutes`, and, for model parallelism, every other group of the run."""
     import deepspeed
 
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if on_gpu():
-        torch.cuda.set_device(topo.local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=False)
+        topo.device = torch.device("cuda", _select_gpu(topo))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", auto_mpi_discovery=False,
+                               timeout=timeout)
+    _default_group_timeout(timeout)
     if not on_gpu():
         release_shm_segment(topo)
     if topo.model_parallel:
         _build_groups(topo)
+
+
+def _select_gpu(topo: Topology) -> int:
+    """Bind this process to its GPU (chosen among the ones it can see) and return the index."""
+    index = pick_cuda_device(topo.local_rank, torch.cuda.device_count(), topo.local_world,
+                             os.environ.get("CUDA_VISIBLE_DEVICES"))
+    torch.cuda.set_device(index)
+    # DeepSpeed takes LOCAL_RANK as the device index (engine, ZeRO, PipelineModule, NCCL's
+    # device binding); with one GPU bound per task that index is 0 on every rank.
+    os.environ["LOCAL_RANK"] = str(index)
+    return index
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every group created from now on.
+
+    torch.distributed.new_group() without a timeout takes torch's per-backend default (10
+    minutes for NCCL), not the default group's; DeepSpeed's grid and engine call it that
+    way, so the defaults themselves are set.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
 
 
 def _build_groups(topo: Topology) -> None:

@@ -72,7 +72,7 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     groups, group_names = param_groups(model, cfg.optim.weight_decay)  # named as in the whole model
     module, mpu = model, topo.grid
     if topo.pipeline > 1:
-        module, mpu = build_pipeline(model, objective, topo, p.pipeline_partition), None  # the module has its grid
+        module, mpu = build_pipeline(model, objective, topo, p.pipeline_partition), None  # the module carries topo.grid
         bounds = module.bounds
         sizes = ", ".join(str(b - a) for a, b in zip(bounds, bounds[1:]))
         messages.append(f"pipeline: {bounds[-1]} layers over {topo.pipeline} stages ({sizes} layers, "
