@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--micro-batch", type=int, default=8)
     st.add_argument("--img-size", type=int, default=0, help="0 = the backbone's default")
     st.add_argument("--window-size", type=int, default=0, help="0 = the backbone's default")
-    st.add_argument("--warmup", type=int, default=2)
-    st.add_argument("--steps", type=int, default=5)
+    st.add_argument("--warmup", type=int, default=2, help="untimed steps of each path first (>= 1)")
+    st.add_argument("--steps", type=int, default=12, help="timed pairs (one step of each path per pair)")
+    st.add_argument("--peak-sizes", type=int, nargs="+", default=None, metavar="N",
+                    help="square bf16 matmul sizes tried for the peak (default: 4096 8192 on CUDA, 4096 6144 on CPU)")
     st.add_argument("--sdpa", action="store_true", help="attention through scaled_dot_product_attention")
     st.add_argument("--compile", action="store_true", help="torch.compile every Swin block")
     st.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
@@ -65,19 +67,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"memory /{row['memory_ratio']:.2f}  time x{row['time_ratio']:.2f}")
         return 0
     if args.what == "step":
+        if args.warmup < 1 or args.steps < 1 or args.micro_batch < 1:
+            print("error: bench step needs --warmup >= 1, --steps >= 1 and --micro-batch >= 1", file=sys.stderr)
+            return 2
         r = bench_step(args.arch, args.micro_batch, args.img_size, args.window_size, args.warmup, args.steps,
-                       args.sdpa, args.compile, args.zero_stage)
-        if args.json:
-            print(json.dumps(r))
-            return 0
-        print(f"{r['arch']} {r['img_size']}px micro-batch {r['micro_batch']} on {r['device']}: "
-              f"{r['gflop_per_image']:.1f} GFLOP per trained image, measured bf16 peak {r['peak_tflops']:.2f} TFLOP/s")
-        print(f"  ours = DeepSpeed ZeRO-{r['zero_stage']}, bf16 weights, fp32 masters, fused AdamW")
-        for name in ("reference", "ours"):
-            x = r[name]
-            print(f"  {name:9s}: {x['images_per_s']:7.2f} images/s  step min/median/max {x['step_s']} s  "
-                  f"{x['tflops']:.3f} TFLOP/s  MFU {100 * x['mfu']:.1f}%")
-        print(f"  ratio ours / reference: {r['ratio']:.2f}x")
+                       args.sdpa, args.compile, args.zero_stage, tuple(args.peak_sizes or ()) or None)
+        print(json.dumps(r) if args.json else "\n".join(step_report(r)))
         return 0
     if args.what == "scaling":
         rows = bench_scaling(args.arch, args.sizes, args.micro_batch, args.warmup, args.steps)
@@ -106,6 +101,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ImageFolder + timm create_transform:        {r['baseline_images_per_s']} images/s")
         print(f"  ratio (median): {r['ratio_median']:.2f}x")
     return 0
+
+
+def _mmm(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    return " / ".join(f"{scale * v:.{digits}g}" for v in values)
+
+
+def _memory(x: dict) -> str:
+    if x["peak_allocated_gib"] is None:
+        return ""
+    return f"  memory {x['peak_allocated_gib']:.2f} GiB allocated, {x['max_reserved_gib']:.2f} GiB reserved"
+
+
+def step_report(r: dict) -> list[str]:
+    """The human-readable `bench step` result."""
+    lines = [f"{r['arch']} {r['img_size']}px micro-batch {r['micro_batch']} on {r['device']} ({r['device_name']}): "
+             f"{r['gflop_per_image']:.4g} GFLOP per trained image; {r['steps']} interleaved pairs after "
+             f"{r['warmup']} warm-up steps of each path",
+             f"  bf16 matmul peak ({r['peak_size']}^3, one sample per pair) min / median / max "
+             f"{_mmm(r['peak_tflops_min_median_max'], digits=4)} TFLOP/s; datasheet: {r['datasheet_peak_source']}",
+             f"  ours = DeepSpeed ZeRO-{r['zero_stage']}, bf16 weights, fp32 masters, fused AdamW; "
+             f"sdpa {'on' if r['sdpa'] else 'off'}, compile {'on' if r['compile'] else 'off'}"]
+    for name in ("reference", "ours"):
+        x = r[name]
+        datasheet = f" (datasheet {100 * x['mfu_datasheet']:.1f}%)" if x["mfu_datasheet"] else ""
+        lines.append(f"  {name:9s}: {x['images_per_s']:8.2f} images/s  step min / median / max "
+                     f"{_mmm(x['step_s'])} s  MFU {_mmm(x['mfu_min_median_max'], 100)}%{datasheet}"
+                     f"{_memory(x)}")
+    lines.append(f"  ratio ours / reference per pair, min / median / max: {_mmm(r['ratio_min_median_max'])}")
+    return lines
 
 
 if __name__ == "__main__":

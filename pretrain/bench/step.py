@@ -1,48 +1,98 @@
-"""Training step throughput and MFU: our DeepSpeed engine vs stock timm + AdamW + autocast."""
+"""Training step throughput and MFU: our DeepSpeed engine vs stock timm + AdamW + autocast.
+
+Both paths live in one process and take turns, one step each (the order alternating from
+pair to pair: reference-ours, ours-reference, ...), and each pair starts with one timed
+bf16 matmul. Machine noise (other jobs, clock changes) then lands on both sides and on the
+peak alike. Each pair gives a ratio (ours over the reference, in images/s) and each side's
+MFU against that pair's matmul sample; results hold min / median / max of each. On CUDA
+every timing synchronizes the device first and last, and each side's memory is its own:
+what it holds after building and a first step, plus the most one of its steps adds.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
-
-def matmul_peak(sizes: tuple[int, ...] = (4096, 6144), device: str = "cpu", repeats: int = 3) -> float:
-    """Best dense bf16 matmul FLOP/s over square sizes `sizes`."""
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        a @ b  # warm-up
-        for _ in range(repeats):
-            _sync(device)
-            t = time.perf_counter()
-            a @ b
-            _sync(device)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
+Step = Callable[[], None]
+SIDES = ("reference", "ours")
+GIB = 2**30
+# Square bf16 matmul sizes tried for the peak, and matmuls per timed peak sample, per device.
+PEAK_SIZES = {"cuda": (4096, 8192), "cpu": (4096, 6144)}
+MATMULS_PER_SAMPLE = {"cuda": 5, "cpu": 1}
 
 
-def _sync(device: str) -> None:
+def device_of() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else "cpu"
+
+
+def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _time(step, warmup: int, steps: int, device: str) -> list[float]:
+def timed(fn: Step, device: str) -> float:
+    """Seconds `fn` takes, the device drained before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _time(step: Step, warmup: int, steps: int, device: str) -> list[float]:
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return times
+    return [timed(step, device) for _ in range(steps)]
 
 
-def _reference_step(arch: str, micro: int, img: int, window: int, device: str):
+def min_median_max(values: list[float]) -> list[float]:
+    return [min(values), statistics.median(values), max(values)]
+
+
+class MatmulPeak:
+    """Timed bf16 matmuls at the fastest of `sizes` (chosen once), one sample at a time."""
+
+    def __init__(self, device: str, sizes: tuple[int, ...] | None = None, repeats: int = 3):
+        self.device = device
+        self.per_sample = MATMULS_PER_SAMPLE[device]
+        best = (0.0, 0)
+        for n in sizes or PEAK_SIZES[device]:
+            self._allocate(n)
+            self._run()  # warm-up
+            best = max(best, max((self.sample(), n) for _ in range(repeats)))
+        self.size = best[1]
+        self._allocate(self.size)
+
+    def _allocate(self, n: int) -> None:
+        self.a = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+        self.b = torch.randn(n, n, device=self.device, dtype=torch.bfloat16)
+        self.c = torch.empty(n, n, device=self.device, dtype=torch.bfloat16)
+
+    def _run(self) -> None:
+        for _ in range(self.per_sample):
+            torch.matmul(self.a, self.b, out=self.c)
+
+    def sample(self) -> float:
+        """FLOP/s of one sample."""
+        n = self.a.shape[0]
+        return self.per_sample * 2 * n**3 / timed(self._run, self.device)
+
+
+def _reference_step(arch: str, micro: int, img: int, window: int, device: str) -> Step:
     """Stock timm + torch AdamW defaults + bf16 autocast."""
     import timm
     import torch.nn.functional as F
@@ -66,7 +116,7 @@ def _reference_step(arch: str, micro: int, img: int, window: int, device: str):
     return step
 
 
-def training_step(cfg, num_classes: int):
+def training_step(cfg, num_classes: int) -> Step:
     """One training step of this pipeline's engine for `cfg` on a fixed synthetic batch.
 
     Starts the process group if need be (one process: launch/env.py fills in the variables).
@@ -100,7 +150,8 @@ def training_step(cfg, num_classes: int):
     return step
 
 
-def _engine_step(arch: str, micro: int, img: int, window: int, sdpa: bool, compile_blocks: bool, zero_stage: int):
+def _engine_step(arch: str, micro: int, img: int, window: int, sdpa: bool, compile_blocks: bool,
+                 zero_stage: int) -> Step:
     """This pipeline's engine: DeepSpeed at `zero_stage`, bf16 weights, fp32 masters, fused AdamW."""
     from pretrain.config import Config
 
@@ -112,30 +163,96 @@ def _engine_step(arch: str, micro: int, img: int, window: int, sdpa: bool, compi
     return training_step(cfg, num_classes=1000)
 
 
+class Side:
+    """One path under test: its step, its step times and (CUDA) its own memory."""
+
+    def __init__(self, build: Callable[[], Step], device: str):
+        self.device = device
+        before = self._allocated()
+        self.step = build()
+        self.step()  # the first warm-up step allocates gradients and optimizer state
+        self.held = self._allocated() - before
+        self.times: list[float] = []
+        self.peak = self.reserved = 0
+
+    def _allocated(self) -> int:
+        return torch.cuda.memory_allocated() if self.device == "cuda" else 0
+
+    def run(self, timed_step: bool) -> None:
+        if not timed_step:
+            self.step()
+            return
+        if self.device == "cuda":
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        self.times.append(timed(self.step, self.device))
+        if self.device == "cuda":
+            self.peak = max(self.peak, self.held + torch.cuda.max_memory_allocated() - start)
+            self.reserved = max(self.reserved, torch.cuda.max_memory_reserved())
+
+    def summary(self, flops_per_step: float, micro: int, peaks: list[float], datasheet: float | None) -> dict:
+        median = statistics.median(self.times)
+        mfu = [flops_per_step / t / p for t, p in zip(self.times, peaks)]
+        cuda = self.device == "cuda"
+        return {"step_s": [round(t, 4) for t in min_median_max(self.times)], "images_per_s": micro / median,
+                "tflops": flops_per_step / median / 1e12, "mfu": statistics.median(mfu),
+                "mfu_min_median_max": min_median_max(mfu),
+                "mfu_datasheet": flops_per_step / median / datasheet if datasheet else None,
+                "held_gib": self.held / GIB if cuda else None,
+                "peak_allocated_gib": self.peak / GIB if cuda else None,
+                "max_reserved_gib": self.reserved / GIB if cuda else None}
+
+
+def interleave(sides: dict[str, Side], peak: MatmulPeak, warmup: int, steps: int) -> list[dict]:
+    """`warmup` more untimed turns, then `steps` timed pairs; each pair opens with a peak sample."""
+    order = list(sides)
+    for _ in range(warmup):
+        for name in order:
+            sides[name].run(timed_step=False)
+    pairs = []
+    for i in range(steps):
+        flops = peak.sample()
+        for name in order if i % 2 == 0 else order[::-1]:
+            sides[name].run(timed_step=True)
+        ref, ours = sides["reference"].times[-1], sides["ours"].times[-1]
+        pairs.append({"reference_s": ref, "ours_s": ours, "ratio": ref / ours, "peak_tflops": flops / 1e12})
+    return pairs
+
+
 def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps: int, sdpa: bool,
-               compile_blocks: bool, zero_stage: int = 0) -> dict:
+               compile_blocks: bool, zero_stage: int = 0, peak_sizes: tuple[int, ...] | None = None) -> dict:
+    """Interleaved steps of the reference and our engine; `warmup` >= 1 untimed steps each first."""
     import os
 
-    from pretrain.flops import train_flops_per_image
+    from pretrain.flops import peak_flops_and_source, train_flops_per_image
     from pretrain.models.backbones import BACKBONES, resolve_geometry
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"bench step needs --warmup >= 1 and --steps >= 1 (got {warmup} and {steps})")
+    device = device_of()
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     img, window = resolve_geometry(BACKBONES[arch], img, window)
-    peak = matmul_peak(device=device)
     flops = train_flops_per_image(arch, img, window, 1000)
+    datasheet, source = peak_flops_and_source(0.0)
+    sides = {"reference": Side(lambda: _reference_step(arch, micro, img, window, device), device),
+             "ours": Side(lambda: _engine_step(arch, micro, img, window, sdpa, compile_blocks, zero_stage), device)}
+    peak = MatmulPeak(device, peak_sizes)
+    pairs = interleave(sides, peak, warmup - 1, steps)
+    peaks = [p["peak_tflops"] * 1e12 for p in pairs]
     result: dict = {"arch": arch, "img_size": img, "window": window, "micro_batch": micro, "device": device,
-                    "zero_stage": zero_stage,
-                    "peak_tflops": peak / 1e12, "gflop_per_image": flops / 1e9}
-    for name, step in (("reference", _reference_step(arch, micro, img, window, device)),
-                       ("ours", _engine_step(arch, micro, img, window, sdpa, compile_blocks, zero_stage))):
-        times = _time(step, warmup, steps, device)
-        median = statistics.median(times)
-        result[name] = {"step_s": [round(t, 4) for t in (min(times), median, max(times))],
-                        "images_per_s": micro / median, "tflops": flops * micro / median / 1e12,
-                        "mfu": flops * micro / median / peak}
-    result["ratio"] = result["ours"]["images_per_s"] / result["reference"]["images_per_s"]
+                    "device_name": device_name(device), "zero_stage": zero_stage, "sdpa": sdpa,
+                    "compile": compile_blocks, "warmup": warmup, "steps": steps, "gflop_per_image": flops / 1e9,
+                    "peak_size": peak.size, "peak_tflops": statistics.median(peaks) / 1e12,
+                    "peak_tflops_min_median_max": [p / 1e12 for p in min_median_max(peaks)],
+                    "datasheet_peak_tflops": datasheet / 1e12 if datasheet else None,
+                    "datasheet_peak_source": source}
+    for name, side in sides.items():
+        result[name] = side.summary(flops * micro, micro, peaks, datasheet)
+    ratios = [p["ratio"] for p in pairs]
+    result["ratio"] = statistics.median(ratios)
+    result["ratio_min_median_max"] = min_median_max(ratios)
+    result["pairs"] = pairs
     return result
 
 
@@ -144,10 +261,11 @@ def bench_scaling(arch: str, sizes: list[int], micro: int, warmup: int, steps: i
     to tile each resolution (attention cost per token grows with the window's area)."""
     from pretrain.flops import train_flops_per_image
 
+    device = device_of()
     rows = []
     for img in sizes:
         window = {224: 7, 384: 12, 512: 16}.get(img, 0)
-        times = _time(_engine_step(arch, micro, img, window, False, False, 0), warmup, steps, "cpu")
+        times = _time(_engine_step(arch, micro, img, window, False, False, 0), warmup, steps, device)
         per_image = statistics.median(times) / micro
         flops = train_flops_per_image(arch, img, window, 1000)
         first = rows[0] if rows else {"s_per_image": per_image, "gflop_per_image": flops / 1e9}
