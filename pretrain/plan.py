@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, ConfigError, load_config
+from pretrain.config import DTYPES, Config, ConfigError, load_config
 
 GB = 1e9
 RESERVE = 0.10
@@ -73,7 +73,6 @@ def _build(cfg: Config, num_classes: int, checkpointing: bool = True) -> torch.n
     from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
     from pretrain.parallel.sequential_attention import apply_sequential_attention
     from pretrain.parallel.tensor import apply_tensor_parallel
-    from pretrain.train.trainer import DTYPES
 
     with torch.device("meta"):
         model = build_objective(cfg, num_classes).build_model()

@@ -124,14 +124,17 @@ def training_step(cfg, num_classes: int) -> Step:
     """
     import torch.distributed as dist
 
+    from pretrain.config import DTYPES
     from pretrain.data.shards import Batch
+    from pretrain.parallel import comm
     from pretrain.parallel.topology import discover, init_distributed
     from pretrain.train.engine import build_training
-    from pretrain.train.trainer import DTYPES
 
     topo = discover()
     if not dist.is_initialized():
         init_distributed(topo)
+    else:  # a group from an earlier call: this process's device is the one it reduces on
+        topo.device = comm.device()
     training = build_training(cfg, topo, num_classes)
     engine, objective = training.engine, training.objective
     encoder = getattr(engine.module, "encoder", engine.module)
