@@ -16,7 +16,7 @@ demo-simmim: $(STAMP)
 	bash launch/demo.sh simmim
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=30
 
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow"

@@ -14,6 +14,9 @@ P the parameters it holds (DeepSpeed's mixed-precision layout):
 - optimizer: fp32 master weights and AdamW's two moments, 12P (ZeRO-1/2/3: /D; none on the
   device with `parallel.offload_optimizer`);
 - buckets: ZeRO's gradient-reduction bucket, `parallel.bucket_size` elements (ZeRO 1-3);
+- ZeRO-3 with fp32 gradient dtypes (bf16 runs, the defaults) adds an fp32 accumulation
+  partition, 4P/D, and fp32 copies of a bucket's gradients, about 6 bytes per element
+  (measured: the planner's terms for ZeRO-3 in bf16 gradient dtypes held, these did not);
 - activations: not a formula. The rank's model (its shard, with its checkpointing and
   sequential attention) runs one forward pass through the pipeline layers on the meta
   device, which allocates nothing, while autograd's saved-tensor hook adds up what the
@@ -198,6 +201,13 @@ def _state_bytes(cfg: Config, params: int, dp: int, activation: float) -> Estima
     per_param = 8 if cfg.precision == "fp32" else 12  # AdamW moments (+ fp32 master weights)
     optimizer = 0.0 if cfg.parallel.offload_optimizer else per_param * params / (dp if stage >= 1 else 1)
     buckets = low * cfg.parallel.bucket_size if stage >= 1 else 0.0
+    if stage == 3 and cfg.precision != "fp32":
+        # ZeRO-3 in fp32 gradient dtypes, as measured against bf16 ones (Swin-T, CPU): an fp32
+        # accumulation partition beside the low-precision one, and fp32 copies of the gradients
+        # a reduction bucket holds (about 6 bytes per element reduced).
+        p = cfg.parallel
+        gradients += 4 * params / dp if p.grad_accum_dtype == "fp32" else 0.0
+        buckets += 6 * min(p.bucket_size, params) if p.comm_dtype == "fp32" else 0.0
     return Estimate(weights, gradients, optimizer, buckets, activation, params)
 
 
