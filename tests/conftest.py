@@ -1,91 +1,20 @@
-"""Shared fixtures: the digits demo shards, and running the real entry points in subprocesses."""
+"""Shared fixtures (helpers shared by the test modules live in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def cpu_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["DS_ACCELERATOR"] = "cpu"
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = str(REPO)
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
+from pretrain.data.digits import write_digits
+from pretrain.data.write_shards import write_shards
 
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """The digits demo as shards: 1,618 train and 179 val samples in 100-sample shards."""
-    from pretrain.data.digits import write_digits
-    from pretrain.data.write_shards import write_shards
-
     root = tmp_path_factory.mktemp("digits")
     write_digits(root / "images")
     write_shards(root / "images", root / "shards", val_fraction=0.1, shard_samples=100)
     return root / "shards"
 
-
-def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command from the repository root on CPU; fail with its output if it fails."""
-    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                    f"--- stderr\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def train(run_dir: Path, shards: Path, *overrides: str, launcher: str = "deepspeed", nproc: int = 2,
-          check: bool = True, config: str = "configs/demo.yaml") -> subprocess.CompletedProcess:
-    """Train with the demo config, tiny and short, through a real launcher."""
-    sets = [
-        f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", f"data.root={shards}",
-        "schedule.total_steps=4", "schedule.warmup_steps=1", "log.every_steps=1",
-        "checkpoint.every_steps=100", "eval.every_steps=0", "data.workers=1", "batch.micro_batch=16",
-        f"batch.global_batch={16 * nproc}",
-        *overrides,
-    ]
-    args = ["pretrain/main.py", "--config", config] + [a for s in sets for a in ("--set", s)]
-    port = free_port()
-    if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port)] + args
-    elif launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(port)] + args
-    else:
-        cmd = [sys.executable] + args
-    proc = run(cmd, check=check)
-    # DeepSpeed's CPU backend leaves a ~70 MB /dev/shm segment per rank unless we remove it;
-    # a suite of runs would otherwise fill the machine's memory.
-    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not leaked, f"leaked shared memory: {leaked}"
-    return proc
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
-
-
-def final_eval(run_dir: Path) -> dict:
-    return [m for m in metrics(run_dir) if "eval/top1" in m][-1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.config import ConfigError, dump_config, load_config, reference_markdown
-from tests.conftest import REPO, cpu_env
+from tests.helpers import REPO, cpu_env
 
 
 def load(shards: Path, *overrides: str, path: str | None = "configs/demo.yaml", world: str = "1"):

@@ -17,7 +17,7 @@ from PIL import Image
 from pretrain.config import Config
 from pretrain.data.shards import eval_loader, train_loader
 from pretrain.data.write_shards import write_shards
-from tests.test_transforms import photo
+from tests.helpers import photo
 
 
 def make_tree(root: Path, per_class: dict[str, int], size: int = 24) -> Path:

@@ -15,7 +15,7 @@ from pretrain.config import Config
 from pretrain.evaluate import evaluate_export
 from pretrain.models.backbones import build_backbone
 from pretrain.train.optim import build_schedule
-from tests.conftest import final_eval, metrics, run, train, train_losses
+from tests.helpers import final_eval, metrics, run, train, train_losses
 
 pytestmark = pytest.mark.slow
 STAGES = (0, 1, 2, 3)

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pretrain.train.checkpoint import latest_tag, problem_with
-from tests.conftest import BIN, REPO, cpu_env, free_port, metrics, run
+from tests.helpers import BIN, REPO, cpu_env, free_port, metrics, run
 
 slow = pytest.mark.slow
 

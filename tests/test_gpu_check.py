@@ -15,7 +15,7 @@ import torch
 from launch import gpu_check
 from launch.gpu_report import (Budget, Check, Failed, bench_line, bench_numbers, child_env, compare_losses,
                                deepspeed_launcher, number_before, report_path, run_command, summary_lines, sweep)
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run")
 

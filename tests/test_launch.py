@@ -19,7 +19,7 @@ from launch.env import (
     pick_cuda_device,
     rank_environment,
 )
-from tests.conftest import REPO, cpu_env
+from tests.helpers import REPO, cpu_env
 from launch.hostfile import hostfile_lines
 from pretrain.flops import forward_macs, train_flops_per_image
 

@@ -9,7 +9,7 @@ import torch
 
 from pretrain.train.mixed_precision import MixedPrecisionAdamW
 from pretrain.train.optim import set_lr
-from tests.conftest import metrics, train, train_losses
+from tests.helpers import metrics, train, train_losses
 
 CLIP = 1.0
 

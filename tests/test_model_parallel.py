@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, REPO, final_eval, free_port, metrics, run, train, train_losses
+from tests.helpers import BIN, REPO, final_eval, free_port, metrics, run, train, train_losses
 
 pytestmark = pytest.mark.slow
 

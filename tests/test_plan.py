@@ -10,7 +10,7 @@ import pytest
 from pretrain.bench.memory import measure
 from pretrain.config import Config
 from pretrain.plan import activation_bytes
-from tests.conftest import run
+from tests.helpers import run
 
 
 @pytest.mark.parametrize("arch,micro", [("swin_debug", 32), ("swin_t", 2)])

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import BIN, REPO, free_port, run
+from tests.helpers import BIN, REPO, free_port, run
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import metrics, run, train
+from tests.helpers import metrics, run, train
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def simmim_run(tmp_path_factory, shards) -> Path:
             "schedule.total_steps=200", "schedule.warmup_steps=20", "log.every_steps=10",
             "log.images_every_steps=100", "checkpoint.every_steps=100", "eval.every_steps=0", "data.workers=1"]
     args = [a for s in sets for a in ("--set", s)]
-    from tests.conftest import BIN, free_port
+    from tests.helpers import BIN, free_port
 
     run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "pretrain/main.py",
          "--config", "configs/demo_simmim.yaml", *args])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cpu_env, metrics
+from tests.helpers import REPO, cpu_env, metrics
 
 pytestmark = pytest.mark.slow
 

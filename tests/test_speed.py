@@ -15,7 +15,7 @@ from pretrain.models.backbones import BACKBONES, build_backbone, model_args
 from pretrain.models.speed import StochasticDepth, apply_speedups, use_tensor_drop_path_rates
 from pretrain.parallel.activation_ckpt import apply_activation_checkpointing, swin_blocks
 from pretrain.parallel.sequential_attention import apply_sequential_attention
-from tests.conftest import run
+from tests.helpers import run
 
 
 def stock_and_ours(arch: str = "swin_debug", **switches):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run
+from tests.helpers import REPO, run
 
 
 @pytest.mark.slow

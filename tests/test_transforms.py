@@ -12,15 +12,6 @@ from PIL import Image
 from pretrain.config import Config
 
 
-def photo(width: int, height: int, seed: int) -> bytes:
-    from sklearn.datasets import load_sample_image
-
-    im = Image.fromarray(load_sample_image("china.jpg" if seed % 2 else "flower.jpg")).resize((width, height))
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def test_fast_train_transform_matches_timm_when_no_draft_applies():
     """Same random draws as timm's transform; only the resize kernel differs (torch's vs PIL's)."""
     import random as pyrandom
