@@ -18,6 +18,7 @@ demo-simmim: $(STAMP)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q --durations=30
 
+# tests/unit: tests/integration/conftest.py marks every integration test slow.
 test-fast: $(STAMP)
 	$(PYTHON) -m pytest -q -m "not slow"
 

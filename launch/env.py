@@ -69,10 +69,29 @@ def master_port(job_id: int, step_id: int) -> int:
     return PORT_LOW + (job_id * STEPS_PER_JOB + step_id) % (PORT_HIGH - PORT_LOW)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for one-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def default_accelerator(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Point DeepSpeed at the CPU (DS_ACCELERATOR=cpu) on a machine without CUDA, unless
+    DS_ACCELERATOR is set already; with CUDA, DeepSpeed picks its accelerator itself.
+    Each entry point (train, export, plan, bench step) calls it at start."""
+    import torch
+
+    if not torch.cuda.is_available():
+        environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def launch_world_size(environ: Mapping[str, str] = os.environ) -> int:
+    """World size announced by the launcher (deepspeed, torchrun, srun), 1 for plain python."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):  # deepspeed/torchrun, then srun
+        if environ.get(var):
+            return int(environ[var])
+    return 1
 
 
 def _in_srun_step(environ: Mapping[str, str]) -> bool:
@@ -149,5 +168,5 @@ def rank_environment(environ: MutableMapping[str, str] = os.environ) -> str:
         return "slurm"
     environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    environ.setdefault("MASTER_PORT", str(_free_port()))
+    environ.setdefault("MASTER_PORT", str(free_port()))
     return "single process"

@@ -37,8 +37,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from launch.env import free_port
 from launch.gpu_report import (REPO, Budget, Check, Failed, Proc, bench_line, bench_numbers, child_env, compare_losses,
-                               deepspeed_launcher, error_line, free_port, is_oom, last_json, losses, number_before,
+                               deepspeed_launcher, error_line, is_oom, last_json, losses, number_before,
                                report_path, run_command, summary_lines, sweep, tail, train_records)
 
 WORK = REPO / "runs" / "gpu_check"

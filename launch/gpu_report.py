@@ -176,14 +176,6 @@ def report_path(given: str | None) -> Path:
     return Path(out) / "gpu_check.json" if out else REPO / "runs" / "gpu_check.json"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deepspeed_launcher(python: str) -> list[str]:
     """The `deepspeed` script next to the interpreter, else its module."""
     script = Path(python).parent / "deepspeed"

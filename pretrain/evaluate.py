@@ -39,6 +39,7 @@ def evaluate_export(model_dir: Path, data_dir: Path, split: str = "val", batch_s
     import webdataset as wds
 
     from pretrain.data.shards import wanted_member
+    from pretrain.models.objectives import topk_hits
 
     info = json.loads((data_dir / "dataset.json").read_text())
     config = json.loads((model_dir / "config.json").read_text())
@@ -55,9 +56,9 @@ def evaluate_export(model_dir: Path, data_dir: Path, split: str = "val", batch_s
     for batch in _batches(samples, transform, batch_size):
         images, labels = batch
         with torch.no_grad():
-            topk = model(images).topk(min(5, model.num_classes), dim=-1).indices
-        top1 += int((topk[:, 0] == labels).sum())
-        top5 += int((topk == labels[:, None]).any(dim=1).sum())
+            hit1, hit5 = topk_hits(model(images), labels)
+        top1 += int(hit1.sum())
+        top5 += int(hit5.sum())
         n += len(labels)
     return {"top1": top1 / max(1, n), "top5": top5 / max(1, n), "samples": n}
 

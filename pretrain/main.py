@@ -8,34 +8,47 @@ Reads and validates the config (errors: one line, exit code 2), builds the backb
 objective and the DeepSpeed engine, resumes from the run's latest checkpoint if any,
 and trains for `schedule.total_steps` optimizer steps. Exit codes: 0 done, 2 config
 error, 3 stopped by SIGUSR1/SIGTERM after a checkpoint (re-run to continue), 4 diverged,
-5 data stalled, 6 out of GPU memory.
+5 data stalled, 6 out of GPU memory, 7 a checkpoint could not be written (disk full; the
+previous checkpoint stays the one resumed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 if __package__ in (None, ""):
     # Run as a script: import the package from the repository, not this directory's modules.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch
+from launch.env import LaunchError, default_accelerator, launch_world_size
 
-from launch.env import LaunchError
-from pretrain.config import ConfigError, dump_config, load_config
+default_accelerator()  # before DeepSpeed is first imported (below): it picks its accelerator then
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from pretrain.config import ConfigError, dump_config, load_config  # noqa: E402
+from pretrain.data.shards import DataStalled  # noqa: E402
+from pretrain.parallel.topology import discover, init_distributed  # noqa: E402
+from pretrain.preflight import check_run  # noqa: E402
+from pretrain.train import checkpoint  # noqa: E402
+from pretrain.train.engine import build_training  # noqa: E402
+from pretrain.train.faults import FaultInjection  # noqa: E402
+from pretrain.train.metrics import Metrics, setup_logging  # noqa: E402
+from pretrain.train.trainer import Diverged, Preempted, Trainer  # noqa: E402
 
 
 EXIT_PREEMPTED = 3  # stopped on a signal after a checkpoint: requeue / re-run to continue
 EXIT_DIVERGED = 4  # too many non-finite losses in a row
 EXIT_DATA_STALLED = 5  # no batch from the data workers within data.stall_timeout_s
 EXIT_OUT_OF_MEMORY = 6  # the layout does not fit the GPU: the message names the planner command
+EXIT_SAVE_FAILED = 7  # a checkpoint could not be written (disk full): the previous one stays `latest`
 
 
 def out_of_memory_message(cfg: Any, topo: Any, args: argparse.Namespace, step: int) -> str:
@@ -50,6 +63,17 @@ def out_of_memory_message(cfg: Any, topo: Any, args: argparse.Namespace, step: i
             f"`{plan}` suggests a layout that fits")
 
 
+def leave_alone(metrics: Any, message: str, code: int) -> NoReturn:
+    """Exit at once after a failure of this rank, which whichever rank has it reports."""
+    metrics.print(message, error=True, this_rank=True)
+    metrics.close()
+    # The other ranks may be waiting in a collective for this one: leave without the closing barrier
+    # (and without process-group teardown, which could wait on them too); the launcher stops them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="pretrain/main.py", description="Pretrain a Swin backbone.")
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
@@ -61,25 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         cfg = load_config(args.config, args.overrides)
+        dataset = check_run(cfg, launch_world_size())
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"config error: {e}", file=sys.stderr)
         return 2
-
-    import torch.distributed as dist
-
-    from pretrain.data.shards import DataStalled
-    from pretrain.validation import dataset_info
-    from pretrain.models.backbones import BACKBONES, resolve_geometry
-    from pretrain.parallel.topology import discover, init_distributed
-    from pretrain.train import checkpoint
-    from pretrain.train.engine import build_training
-    from pretrain.train.metrics import Metrics
-    from pretrain.train.trainer import Diverged, Preempted, Trainer
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO still calls this collective under its deprecated name; not actionable for users.
@@ -91,16 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launch error: {e}", file=sys.stderr)
         return 2
 
-    dataset = dataset_info(cfg.data.root)
-    num_classes = cfg.objective.num_classes or len(dataset["classes"])
-    img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+    num_classes = cfg.objective.num_classes or dataset.num_classes
 
     if topo.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, cfg.run_dir / "config.yaml")
         # The class list travels with the run, so export works without the shards.
-        (cfg.run_dir / "dataset.json").write_text(json.dumps(dataset, indent=1))
+        dataset.write(cfg.run_dir)
     dist.barrier()
+    setup_logging(cfg.run_dir, topo.rank)
     metrics = Metrics(cfg.run_dir, rank=topo.rank)
 
     # Which checkpoint to continue from decides how DeepSpeed loads it (universal when the
@@ -118,13 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     training = build_training(cfg, topo, num_classes, load_universal=bool(resume_point and resume_point.universal))
     if training.init_message:
         metrics.print(training.init_message)
-    client_state = {
-        "arch": cfg.model.arch,
-        "num_classes": num_classes,
-        "label_map_version": dataset.get("label_map_version"),
-        "param_group_names": training.param_group_names,
-    }
-    trainer = Trainer(cfg, topo, training, dataset, img_size, metrics, client_state)
+    run_state = checkpoint.RunState(arch=cfg.model.arch, num_classes=num_classes,
+                                    label_map_version=dataset.label_map_version,
+                                    param_group_names=training.param_group_names)
+    trainer = Trainer(cfg, topo, training, dataset, metrics, run_state, FaultInjection.from_env(topo.rank))
     status = 0
     try:
         if resume_point is not None:
@@ -136,16 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         metrics.print(str(e), error=True)
         status = EXIT_DIVERGED
+    except checkpoint.SaveFailed as e:
+        if not e.agreed:  # the ranks fell out of step inside DeepSpeed's save
+            leave_alone(metrics, str(e), EXIT_SAVE_FAILED)
+        metrics.print(str(e), error=True)  # every rank has it: a clean stop
+        status = EXIT_SAVE_FAILED
     except (DataStalled, torch.OutOfMemoryError) as e:
         stalled = isinstance(e, DataStalled)
-        metrics.print(str(e) if stalled else out_of_memory_message(cfg, topo, args, trainer.state.step),
-                      error=True, this_rank=True)  # a failure of this rank: whichever rank has it says so
-        metrics.close()
-        # The other ranks may be waiting in a collective for this one: leave without the closing barrier
-        # (and without process-group teardown, which could wait on them too); the launcher stops them.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_DATA_STALLED if stalled else EXIT_OUT_OF_MEMORY)
+        leave_alone(metrics, str(e) if stalled else out_of_memory_message(cfg, topo, args, trainer.state.step),
+                    EXIT_DATA_STALLED if stalled else EXIT_OUT_OF_MEMORY)
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()

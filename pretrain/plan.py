@@ -38,15 +38,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from launch.env import default_accelerator
+from pretrain.bench.memory import peak_allocated
+from pretrain.bench.step import training_step
 from pretrain.config import DTYPES, Config, ConfigError, load_config
+from pretrain.data.info import DATASET_JSON, DatasetInfo
+from pretrain.models.backbones import BACKBONES
+from pretrain.models.objectives import build_objective
+from pretrain.parallel.pipeline import example_inputs, layer_flops, pipeline_layers, stage_bounds
+from pretrain.parallel.prepare import prepare_model
+from pretrain.preflight import check_run
 
 GB = 1e9
 RESERVE = 0.10
@@ -71,19 +78,10 @@ class Estimate:
 
 def _build(cfg: Config, num_classes: int, checkpointing: bool = True) -> torch.nn.Module:
     """One rank's training module on the meta device: its tensor-parallel shard (first rank),
-    with the config's memory options applied in the engine's order."""
-    from pretrain.models.objectives import build_objective
-    from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
-    from pretrain.parallel.sequential_attention import apply_sequential_attention
-    from pretrain.parallel.tensor import apply_tensor_parallel
-
+    prepared as the engine prepares it."""
     with torch.device("meta"):
         model = build_objective(cfg, num_classes).build_model()
-        p = cfg.parallel
-        apply_tensor_parallel(model, 0, p.tensor_parallel, shapes_only=True)
-    if checkpointing:
-        apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k)
-    apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
+        prepare_model(model, cfg, topo=None, checkpointing=checkpointing)
     return model.to(DTYPES[cfg.precision]).train()
 
 
@@ -93,8 +91,6 @@ def _trace(model: torch.nn.Module, micro: int) -> tuple[list[int], int]:
 
     Returns (bytes saved by each pipeline layer, largest single saved buffer).
     """
-    from pretrain.parallel.pipeline import example_inputs, pipeline_layers
-
     x = example_inputs(model, micro, next(model.parameters()).dtype, device="meta")
 
     # Count storages, not tensors: views of one buffer saved by several ops cost it once, and
@@ -161,8 +157,6 @@ def activation_bytes(cfg: Config, num_classes: int, micro: int) -> float:
 
 def stage_ranges(cfg: Config, model: torch.nn.Module) -> list[range]:
     """The pipeline layers of each stage of `model` (one rank's, on the meta device), cut as the run cuts them."""
-    from pretrain.parallel.pipeline import layer_flops, pipeline_layers, stage_bounds
-
     method = cfg.parallel.pipeline_partition
     bounds = stage_bounds(method, pipeline_layers(model), cfg.parallel.pipeline_stages,
                           layer_flops(model) if method == "flops" else None)
@@ -171,8 +165,6 @@ def stage_ranges(cfg: Config, model: torch.nn.Module) -> list[range]:
 
 def estimate(cfg: Config, num_classes: int, gpus: int) -> Estimate:
     """Per-rank memory of `cfg` on `gpus` ranks: the rank of the most loaded pipeline stage."""
-    from pretrain.parallel.pipeline import pipeline_layers
-
     p = cfg.parallel
     dp = gpus // (p.pipeline_stages * p.tensor_parallel)
     model = _build(cfg, num_classes, checkpointing=False)
@@ -222,8 +214,6 @@ MODEL_PARALLEL = ((1, 1), (1, 2), (1, 4), (1, 8), (2, 8), (4, 8), (8, 8))
 
 def candidates(cfg: Config, gpus: int):
     """Configs of other layouts in order of cost, all with the same global batch."""
-    from pretrain.models.backbones import BACKBONES
-
     heads = BACKBONES[cfg.model.arch].num_heads
     micro = cfg.batch.micro_batch
     micros = [m for m in (micro, micro // 2, micro // 4, micro // 8, 1) if m >= 1]
@@ -273,9 +263,8 @@ def settings(cfg: Config) -> str:
 def num_classes_of(cfg: Config) -> int:
     if cfg.objective.num_classes:
         return cfg.objective.num_classes
-    info = Path(cfg.data.root) / "dataset.json"
-    if info.is_file():
-        return len(json.loads(info.read_text())["classes"])
+    if (Path(cfg.data.root) / DATASET_JSON).is_file():
+        return DatasetInfo.read(cfg.data.root).num_classes
     return IN22K_CLASSES
 
 
@@ -288,8 +277,6 @@ def without_checkpointing(cfg: Config, num_classes: int, gpus: int) -> str:
 
 
 def total_parameters(cfg: Config, num_classes: int) -> int:
-    from pretrain.models.objectives import build_objective
-
     with torch.device("meta"):
         return sum(q.numel() for q in build_objective(cfg, num_classes).build_model().parameters())
 
@@ -334,9 +321,6 @@ def measure_step(cfg: Config, num_classes: int) -> tuple[float, float | None]:
     plus the most a second step adds on top: the figure `estimate(cfg, classes, 1).total`
     predicts. GPU: CUDA's allocator; CPU: the profiler's allocation records.
     """
-    from pretrain.bench.memory import peak_allocated
-    from pretrain.bench.step import training_step
-
     cfg.batch.global_batch = cfg.batch.micro_batch
     if torch.cuda.is_available():
         step = training_step(cfg, num_classes)
@@ -359,13 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", action="store_true",
                     help="also run one training step of the config here (one rank) and compare with the plan")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's partitioning helpers are used on CPU too
+    default_accelerator()  # DeepSpeed's partitioning helpers are used on CPU too
     try:
-        cfg = load_config(args.config, args.overrides, check=False)
-        from pretrain.validation import validate
-
-        validate(cfg, world_size=args.gpus, check_data=False)
+        cfg = load_config(args.config, args.overrides)
+        check_run(cfg, args.gpus, check_data=False)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from launch.env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,10 +64,9 @@ def train(run_dir: Path, shards: Path, *overrides: str, launcher: str = "deepspe
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def plan(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The memory planner's command line, `python -m pretrain.plan`, with these arguments."""
+    return run([sys.executable, "-m", "pretrain.plan", *args], check=check)
 
 
 def metrics(run_dir: Path) -> list[dict]:

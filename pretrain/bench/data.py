@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from pretrain.bench.timing import rate
 
 
 def make_photos(out: Path, width: int, height: int, count: int, seed: int = 0) -> Path:
@@ -42,13 +44,7 @@ def _baseline_rate(images: Path, img_size: int, samples: int, batch: int) -> flo
     dataset = ImageFolder(str(images), transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch, len(dataset)), shuffle=True, num_workers=0,
                                          drop_last=True)
-    done, start = 0, time.perf_counter()
-    while done < samples:
-        for x, _ in loader:
-            done += x.shape[0]
-            if done >= samples:
-                break
-    return done / (time.perf_counter() - start)
+    return rate((x.shape[0] for _ in itertools.count() for x, _ in loader), samples)  # epochs until done
 
 
 def _our_rate(shards: Path, img_size: int, samples: int, batch: int) -> float:
@@ -62,12 +58,7 @@ def _our_rate(shards: Path, img_size: int, samples: int, batch: int) -> float:
     info = json.loads((shards / "dataset.json").read_text())
     preprocess = BatchPreprocess(cfg, training=True, device=torch.device("cpu"))
     batches = iter(train_loader(cfg, info, img_size, rank=0, world=1, start_step=0))
-    done, start = 0, time.perf_counter()
-    while done < samples:
-        images = next(batches).images
-        preprocess(images)
-        done += images.shape[0]
-    return done / (time.perf_counter() - start)
+    return rate((preprocess(batch.images).shape[0] for batch in batches), samples)
 
 
 def bench_data(images: Path, img_size: int, samples: int, repeats: int, batch: int = 32) -> dict:

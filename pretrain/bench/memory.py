@@ -11,10 +11,11 @@ replayed in order, give the same figure.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from pretrain.bench.timing import timed_steps
 
 MODES = (("none", 1), ("every_k", 2), ("blocks", 1))
 
@@ -60,15 +61,8 @@ def measure(arch: str, micro: int, img: int, mode: str, every_k: int, steps: int
         F.cross_entropy(model(x).float(), y).backward()
         model.zero_grad(set_to_none=False)  # gradients stay allocated: they are not activations
 
-    for _ in range(2):  # kernels pick their algorithms on the first calls of each shape
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    # Two warm-up steps: kernels pick their algorithms on the first calls of each shape.
+    times = timed_steps(step, 2, steps, device)
     peak = peak_allocated(step, device)  # its own step: profiling slows the timed ones
     return {"mode": mode if mode != "every_k" else f"every_{every_k}", "checkpointed_blocks": len(chosen),
             "activation_mib": peak / 2**20, "step_s": statistics.median(times)}

@@ -12,11 +12,12 @@ what it holds after building and a first step, plus the most one of its steps ad
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from pretrain.bench.timing import timed, timed_steps
 
 Step = Callable[[], None]
 SIDES = ("reference", "ours")
@@ -37,26 +38,6 @@ def device_name(device: str) -> str:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return names[0] if names else "cpu"
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Step, device: str) -> float:
-    """Seconds `fn` takes, the device drained before and after."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def _time(step: Step, warmup: int, steps: int, device: str) -> list[float]:
-    for _ in range(warmup):
-        step()
-    return [timed(step, device) for _ in range(steps)]
 
 
 def min_median_max(values: list[float]) -> list[float]:
@@ -225,16 +206,14 @@ def interleave(sides: dict[str, Side], peak: MatmulPeak, warmup: int, steps: int
 def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps: int, sdpa: bool,
                compile_blocks: bool, zero_stage: int = 0, peak_sizes: tuple[int, ...] | None = None) -> dict:
     """Interleaved steps of the reference and our engine; `warmup` >= 1 untimed steps each first."""
-    import os
-
+    from launch.env import default_accelerator
     from pretrain.flops import peak_flops_and_source, train_flops_per_image
     from pretrain.models.backbones import BACKBONES, resolve_geometry
 
     if warmup < 1 or steps < 1:
         raise ValueError(f"bench step needs --warmup >= 1 and --steps >= 1 (got {warmup} and {steps})")
     device = device_of()
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    default_accelerator()
     img, window = resolve_geometry(BACKBONES[arch], img, window)
     flops = train_flops_per_image(arch, img, window, 1000)
     datasheet, source = peak_flops_and_source(0.0)
@@ -268,7 +247,7 @@ def bench_scaling(arch: str, sizes: list[int], micro: int, warmup: int, steps: i
     rows = []
     for img in sizes:
         window = {224: 7, 384: 12, 512: 16}.get(img, 0)
-        times = _time(_engine_step(arch, micro, img, window, False, False, 0), warmup, steps, device)
+        times = timed_steps(_engine_step(arch, micro, img, window, False, False, 0), warmup, steps, device)
         per_image = statistics.median(times) / micro
         flops = train_flops_per_image(arch, img, window, 1000)
         first = rows[0] if rows else {"s_per_image": per_image, "gflop_per_image": flops / 1e9}

@@ -39,9 +39,10 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config import Config
+from pretrain.data.info import DatasetInfo
 from pretrain.data.masking import MaskGenerator
-from pretrain.models.backbones import BACKBONES
-from pretrain.data.transforms import IMAGE_KEYS, BadSample, build_transform, sample_parts
+from pretrain.data.sources import IMAGE_EXTENSIONS
+from pretrain.data.transforms import BadSample, build_transform, sample_parts
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _worker() -> tuple[int, int]:
 
 def wanted_member(name: str) -> bool:
     """Read only image and label members out of the tar; everything else stays unread."""
-    return name.rsplit(".", 1)[-1].lower() in IMAGE_KEYS + ("cls",)
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS + ("cls",)
 
 
 def expand_urls(patterns: list[str], root: str = "") -> list[str]:
@@ -74,17 +75,17 @@ def expand_urls(patterns: list[str], root: str = "") -> list[str]:
     return urls
 
 
-def train_sources(cfg: Config, info: dict[str, Any]) -> list[list[str]]:
+def train_sources(cfg: Config, info: DatasetInfo) -> list[list[str]]:
     """The shard lists of the training sources (one per `data.train_urls` entry, or dataset.json's)."""
     if cfg.data.train_urls:
         return [expand_urls([p], cfg.data.root) for p in cfg.data.train_urls]
-    return [[str(Path(cfg.data.root) / s["name"]) for s in info["splits"]["train"]["shards"]]]
+    return [info.shard_paths("train", cfg.data.root)]
 
 
-def val_urls(cfg: Config, info: dict[str, Any]) -> list[str]:
+def val_urls(cfg: Config, info: DatasetInfo) -> list[str]:
     if cfg.data.val_urls:
         return expand_urls(cfg.data.val_urls, cfg.data.root)
-    return [str(Path(cfg.data.root) / s["name"]) for s in info["splits"]["val"]["shards"]]
+    return info.shard_paths("val", cfg.data.root)
 
 
 class SkipCounter:
@@ -202,12 +203,14 @@ class DecodeAndBatch:
             yield self._batch(images, labels)
 
 
-def mask_generator(cfg: Config, img_size: int) -> MaskGenerator | None:
+def mask_generator(cfg: Config, img_size: int, patch_size: int) -> MaskGenerator | None:
     """SimMIM's mask generator (run in the data workers), or None for objectives without masks."""
     if cfg.objective.kind != "simmim":
         return None
+    if patch_size < 1:
+        raise ValueError("objective.kind=simmim: the loader needs the model's patch_size for its masks")
     o = cfg.objective
-    return MaskGenerator(img_size, o.mask_patch_size, BACKBONES[cfg.model.arch].patch_size, o.mask_ratio)
+    return MaskGenerator(img_size, o.mask_patch_size, patch_size, o.mask_ratio)
 
 
 class DataStalled(RuntimeError):
@@ -248,9 +251,12 @@ def _loader(stages: list, workers: int, seed: str, stall_timeout_s: float, what:
     return WatchedLoader(loader, what)
 
 
-def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int, start_step: int,
-                 pin_memory: bool = False) -> WatchedLoader:
-    """Endless loader of uint8 training micro-batches for data-parallel `rank`, seeded by where the run starts."""
+def train_loader(cfg: Config, info: DatasetInfo, img_size: int, rank: int, world: int, start_step: int,
+                 pin_memory: bool = False, patch_size: int = 0) -> WatchedLoader:
+    """Endless loader of uint8 training micro-batches for data-parallel `rank`, seeded by where the run starts.
+
+    `patch_size` is the model's (SimMIM's masks are drawn in its patches; unused otherwise).
+    """
     seed = f"{cfg.run.seed}-step{start_step}"
     sources = train_sources(cfg, info)
     if cfg.data.resampled:
@@ -263,14 +269,14 @@ def train_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, wo
         wds.tarfile_to_samples(handler=counter, select_files=wanted_member),
         ShuffleBuffer(cfg.data.shuffle_buffer, f"{seed}-rank{rank}"),
         DecodeAndBatch(build_transform(cfg, img_size, training=True), cfg.batch.micro_batch, counter, partial=False,
-                       masks=mask_generator(cfg, img_size)),
+                       masks=mask_generator(cfg, img_size, patch_size)),
     ]
     return _loader(stages, cfg.data.workers, f"{seed}-rank{rank}", cfg.data.stall_timeout_s,
                    f"training data, rank {rank}", pin_memory)
 
 
-def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, world: int,
-                pin_memory: bool = False) -> WatchedLoader:
+def eval_loader(cfg: Config, info: DatasetInfo, img_size: int, rank: int, world: int,
+                pin_memory: bool = False, patch_size: int = 0) -> WatchedLoader:
     """Loader over this rank's share of the validation shards, each sample once."""
     urls = val_urls(cfg, info)
     counter = SkipCounter()
@@ -279,7 +285,7 @@ def eval_loader(cfg: Config, info: dict[str, Any], img_size: int, rank: int, wor
         ShardSlice(urls, rank, world),
         wds.tarfile_to_samples(handler=counter, select_files=wanted_member),
         DecodeAndBatch(build_transform(cfg, img_size, training=False), cfg.eval.micro_batch, counter, partial=True,
-                       masks=mask_generator(cfg, img_size)),
+                       masks=mask_generator(cfg, img_size, patch_size)),
     ]
     return _loader(stages, workers, f"{cfg.run.seed}-eval-rank{rank}", cfg.data.stall_timeout_s,
                    f"validation data, rank {rank}", pin_memory)

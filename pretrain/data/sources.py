@@ -17,7 +17,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# The image formats read everywhere: source files by suffix, shard members by key (the first
+# of these a sample has is its image).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class ImageRef:
 
 
 def _is_image(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    return Path(name).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
 
 
 def _tar_members(path: Path, label: int) -> list[ImageRef]:

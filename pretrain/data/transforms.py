@@ -20,10 +20,11 @@ so a shard can never run code.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import simplejpeg
@@ -35,8 +36,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision.transforms.functional import pil_to_tensor
 
 from pretrain.config import Config
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+from pretrain.data.sources import IMAGE_EXTENSIONS
 
 
 class BadSample(ValueError):
@@ -45,7 +45,7 @@ class BadSample(ValueError):
 
 def sample_parts(sample: dict[str, Any]) -> tuple[bytes, int]:
     """(encoded image bytes, label) of a raw WebDataset sample; BadSample if either is missing or bad."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
     if key is None or "cls" not in sample:
         raise BadSample(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks an image or .cls member")
     try:
@@ -59,6 +59,17 @@ def decode_sample(sample: dict[str, Any]) -> tuple[Image.Image, int]:
     """(RGB image at full resolution, label); for tools that want plain PIL images."""
     data, label = sample_parts(sample)
     return Image.fromarray(decode_rgb(data)), label
+
+
+@contextlib.contextmanager
+def _pil_errors_as_bad_sample() -> Iterator[None]:
+    """Whatever PIL raises on bad data (many exception types) becomes a BadSample naming it."""
+    try:
+        yield
+    except BadSample:
+        raise
+    except Exception as e:
+        raise BadSample(f"{type(e).__name__}: {e}") from None
 
 
 def _checked_size(width: int, height: int) -> tuple[int, int]:
@@ -83,13 +94,8 @@ def image_size(data: bytes) -> tuple[int, int]:
     size = _turbo_jpeg_size(data)
     if size is not None:
         return _checked_size(*size)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return _checked_size(*im.size)
-    except BadSample:
-        raise
-    except Exception as e:  # PIL raises many exception types for bad data
-        raise BadSample(f"{type(e).__name__}: {e}") from None
+    with _pil_errors_as_bad_sample(), Image.open(io.BytesIO(data)) as im:
+        return _checked_size(*im.size)
 
 
 def decode_rgb(data: bytes, box: tuple[float, float, float, float] | None = None, out_size: int = 0) -> np.ndarray:
@@ -113,16 +119,12 @@ def decode_rgb(data: bytes, box: tuple[float, float, float, float] | None = None
                                           min_width=math.ceil(width / scale))
         except ValueError:
             pass
-    try:
+    with _pil_errors_as_bad_sample():
         im = Image.open(io.BytesIO(data))
         _checked_size(*im.size)
         if scale > 1 and im.format == "JPEG":
             im.draft("RGB", (math.ceil(im.width / scale), math.ceil(im.height / scale)))
         return np.array(im.convert("RGB"))
-    except BadSample:
-        raise
-    except Exception as e:  # PIL raises many exception types for bad data
-        raise BadSample(f"{type(e).__name__}: {e}") from None
 
 
 def _shape_only(width: int, height: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pretrain.data.info import DatasetInfo, Shard, Split
 from pretrain.data.labels import label_map_version
 from pretrain.data.sources import ImageRef, list_images
 from pretrain.data.transforms import BadSample, decode_rgb, image_size, resize
@@ -141,7 +142,7 @@ def _write_job(args: tuple[ShardJob, Path]) -> dict:
 
 def write_shards(src: Path, out: Path, val_fraction: float = 0.1, shard_samples: int = 1000,
                  shard_mb: float = 0.0, max_size: int = 0, seed: int = 0, workers: int = 1,
-                 progress: bool = False) -> dict:
+                 progress: bool = False) -> DatasetInfo:
     """Shard `src` into `out`; return the dataset description also saved as dataset.json."""
     if not 0 <= val_fraction < 1:
         raise SystemExit(f"error: --val-fraction {val_fraction} must be in [0, 1)")
@@ -177,17 +178,11 @@ def write_shards(src: Path, out: Path, val_fraction: float = 0.1, shard_samples:
 
     splits = {}
     for split in ("train", "val"):
-        shards = [{k: records[j.name][k] for k in ("name", "samples", "bytes")} for j in jobs if j.split == split]
-        splits[split] = {"samples": sum(s["samples"] for s in shards), "shards": shards}
+        shards = [Shard(j.name, records[j.name]["samples"], records[j.name]["bytes"]) for j in jobs if j.split == split]
+        splits[split] = Split(sum(s.samples for s in shards), shards)
     skipped = [line for job in jobs for line in records[job.name]["skipped"]]
-    info = {
-        "classes": classes,
-        "label_map_version": label_map_version(classes),
-        "splits": splits,
-        "skipped": len(skipped),
-        "source": plan,
-    }
-    (out / "dataset.json").write_text(json.dumps(info, indent=1))
+    info = DatasetInfo(classes, splits, label_map_version(classes), len(skipped), plan)
+    info.write(out)
     if skipped:
         (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
     return info
@@ -221,12 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     info = write_shards(args.src, args.out, args.val_fraction, args.shard_samples, args.shard_mb, args.max_size,
                         args.seed, args.workers, progress=sys.stderr.isatty())
-    s = info["splits"]
-    print(f"wrote {s['train']['samples']} train samples in {len(s['train']['shards'])} shards and "
-          f"{s['val']['samples']} val samples in {len(s['val']['shards'])} shards, {len(info['classes'])} classes, "
+    train, val = info.split("train"), info.split("val")
+    print(f"wrote {train.samples} train samples in {len(train.shards)} shards and "
+          f"{val.samples} val samples in {len(val.shards)} shards, {info.num_classes} classes, "
           f"to {args.out} in {time.time() - start:.1f}s")
-    if info["skipped"]:
-        print(f"skipped {info['skipped']} unreadable images, listed in {args.out / 'skipped.txt'}", file=sys.stderr)
+    if info.skipped:
+        print(f"skipped {info.skipped} unreadable images, listed in {args.out / 'skipped.txt'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

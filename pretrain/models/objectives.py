@@ -1,15 +1,13 @@
 """Training objectives: the model they train, its inputs and targets, the loss, eval metrics.
 
-The trainer only talks to this interface, so both objectives share one entry point:
-- `build_model()`: the module DeepSpeed wraps;
-- `prepare(images, batch, training)`: model inputs and loss targets from a normalized batch;
-- `loss(outputs, targets)`, and `eval_sums` (a vector of `eval_sums_size` sums, added up
-  over batches and ranks) / `eval_metrics` for evaluation;
-- `backbone_state(state)`: the timm backbone's weights out of a trained state dict (export);
-- `visualize(outputs, images, batch)`: pictures for TensorBoard, or None.
+Both objectives (supervised classification, SimMIM) satisfy one `Objective` protocol,
+the only thing the trainer, the engine, the pipeline's loss, the step benchmark and
+export ask of them; `OBJECTIVES` names them for `objective.kind`.
 """
 
 from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -19,7 +17,50 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from pretrain.config import Config
 from pretrain.data.shards import Batch
 from pretrain.models.backbones import BACKBONES, build_backbone
-from pretrain.models.simmim import SimMIM, denormalize_patches, masked_l1, normalize_patches
+from pretrain.models.simmim import SimMIM, denormalize_patches, masked_l1, normalize_patches, pixel_mask
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the trainer, the engine, the pipeline and export use of an objective."""
+
+    eval_sums_size: int  # length of the vector `eval_sums` returns
+
+    def build_model(self) -> nn.Module:
+        """The module DeepSpeed wraps; identical on every rank for one torch seed."""
+        ...
+
+    def prepare(self, images: torch.Tensor, batch: Batch, training: bool) -> tuple[tuple[torch.Tensor, ...], Any]:
+        """(model inputs, loss targets) from normalized images on the device and their batch."""
+        ...
+
+    def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The scalar training loss of the model's outputs."""
+        ...
+
+    def eval_sums(self, outputs: torch.Tensor, targets: Any, valid: torch.Tensor) -> torch.Tensor:
+        """`eval_sums_size` sums over the rows weighted by `valid`, added up over batches and ranks."""
+        ...
+
+    def eval_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        """Named metrics, "eval/samples" among them, from the summed `eval_sums`."""
+        ...
+
+    def backbone_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The timm backbone's weights out of a trained state dict (static: export calls it on the class)."""
+        ...
+
+    def visualize(self, outputs: Any, images: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        """A (3, H, W) picture in [0, 1] of the outputs for TensorBoard, or None."""
+        ...
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, as bools: (label is the top-1 class, label is among the top `k`); `k` is capped
+    at the number of classes."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    hits = top.eq(labels.to(top.device).unsqueeze(1))
+    return hits[:, 0], hits.any(dim=1)
 
 
 class SupervisedObjective:
@@ -73,11 +114,10 @@ class SupervisedObjective:
         """Sums [samples, top-1 hits, top-5 hits, loss] over the `valid` rows, on the logits' device."""
         logits = logits.float()
         labels = labels.to(logits.device)
-        topk = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hits = topk.eq(labels.unsqueeze(1))
+        top1, top5 = topk_hits(logits, labels)
         nll = F.cross_entropy(logits, labels, reduction="none")
         v = valid.to(logits.device).float()
-        return torch.stack([v.sum(), (hits[:, 0].float() * v).sum(), (hits.any(dim=1).float() * v).sum(),
+        return torch.stack([v.sum(), (top1.float() * v).sum(), (top5.float() * v).sum(),
                             (nll * v).sum()]).double()
 
     @staticmethod
@@ -144,13 +184,13 @@ class SimMIMObjective:
         std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
         p = self.patch_size
         images = images.float().cpu()
-        pixel_mask = batch.masks.cpu().repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).float()
+        mask = pixel_mask(batch.masks.cpu(), p)
         recon = reconstruction.float().cpu()
         if self.norm_target:  # predictions are per-patch normalized: show them in the input's patch statistics
             recon = denormalize_patches(recon, images, self.mask_patch_size)
         # Masked pixels at 0 in normalized space show as the dataset's mean color. The loss
         # only sees masked pixels, so the reconstruction is shown there, on the visible input.
-        shown = [images, images * (1 - pixel_mask), images * (1 - pixel_mask) + recon * pixel_mask]
+        shown = [images, images * (1 - mask), images * (1 - mask) + recon * mask]
         tiles = [(t * std + mean).clamp(0, 1) for t in shown]
         rows = torch.stack(tiles, dim=1).flatten(0, 1)  # image0: in, masked, recon; image1: ...
         if rows.shape[-1] < 96:  # enlarge tiny inputs (the demo's 32 px) so they can be seen
@@ -161,6 +201,6 @@ class SimMIMObjective:
 OBJECTIVES = {"supervised": SupervisedObjective, "simmim": SimMIMObjective}
 
 
-def build_objective(cfg: Config, num_classes: int):
+def build_objective(cfg: Config, num_classes: int) -> Objective:
     """The objective named by `objective.kind`."""
     return OBJECTIVES[cfg.objective.kind](cfg, num_classes)

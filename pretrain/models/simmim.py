@@ -46,11 +46,16 @@ def with_mask_tokens(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tens
     return x * (1.0 - w) + mask_token.to(x.dtype) * w
 
 
+def pixel_mask(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """A patch mask (B, h, w) blown up to pixels: (B, 1, h * patch_size, w * patch_size), float, 1 = masked."""
+    return mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).float()
+
+
 def masked_l1(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Mean absolute error over masked pixels only (all channels), in fp32."""
-    pixel_mask = mask.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2).unsqueeze(1).float()
-    error = (reconstruction.float() - target.float()).abs() * pixel_mask
-    return error.sum() / (pixel_mask.sum() * target.shape[1] + 1e-5)
+    pixels = pixel_mask(mask, patch_size)
+    error = (reconstruction.float() - target.float()).abs() * pixels
+    return error.sum() / (pixels.sum() * target.shape[1] + 1e-5)
 
 
 def _patch_stats(images: torch.Tensor, patch: int):

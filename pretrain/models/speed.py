@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-from pretrain.parallel.activation_ckpt import set_block_forward, swin_blocks
+from pretrain.models.blocks import set_block_forward, swin_blocks
 
 DROP_PATHS = ("drop_path1", "drop_path2")
 

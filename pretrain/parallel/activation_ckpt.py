@@ -25,17 +25,12 @@ import functools
 from types import SimpleNamespace
 from typing import Any, Callable
 
+import deepspeed
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-SWIN_BLOCKS = ("SwinTransformerBlock", "SwinTransformerV2Block")
-
-
-def swin_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every Swin block of `model` (a timm Swin or a module holding one), in forward order."""
-    return [m for m in model.modules() if type(m).__name__ in SWIN_BLOCKS]
-
+from pretrain.models.blocks import swin_blocks
 
 def _recomputed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     @functools.wraps(forward)
@@ -44,13 +39,11 @@ def _recomputed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
             return forward(x)
         return checkpoint(forward, x, use_reentrant=False)
 
-    run.recompute_wrapper = _recomputed  # type: ignore[attr-defined]  # see set_block_forward
+    run.recompute_wrapper = _recomputed  # type: ignore[attr-defined]  # see models/blocks.py, set_block_forward
     return run
 
 
 def _recomputed_by_deepspeed(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    import deepspeed
-
     @functools.wraps(forward)
     def run(x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
@@ -61,16 +54,6 @@ def _recomputed_by_deepspeed(forward: Callable[[torch.Tensor], torch.Tensor]) ->
 
     run.recompute_wrapper = _recomputed_by_deepspeed  # type: ignore[attr-defined]
     return run
-
-
-def set_block_forward(block: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Make `forward` the block's computation, inside its recompute wrapper if it has one.
-
-    So a compiled forward installed after checkpointing is still what gets recomputed,
-    and checkpointing applied later wraps it like any other forward.
-    """
-    wrap = getattr(block.__dict__.get("forward"), "recompute_wrapper", None)
-    block.forward = wrap(forward) if wrap else forward
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 1, by_deepspeed: bool = False,
@@ -90,8 +73,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 1
 
 def configure_deepspeed_checkpointing(partition: bool, cpu: bool, topo: Any) -> None:
     """Where DeepSpeed's checkpointing keeps block inputs: split over `topo`'s tensor-parallel group, in CPU memory."""
-    import deepspeed
-
     # DeepSpeed reads the tensor-parallel group under Megatron's method names.
     mpu = SimpleNamespace(
         get_tensor_model_parallel_rank=lambda: topo.tp_rank,

@@ -6,7 +6,7 @@ here place each value on the communication device of the default group (`cuda:<t
 rank's device>` under NCCL, the CPU under gloo) and hand back device tensors; host values
 come back only when asked (`to_host`, `HostCopy`), so the training step never waits for
 the GPU to drain. No other module of ours calls a torch.distributed collective on a
-tensor it made itself (tests/test_comm.py checks the source tree).
+tensor it made itself (tests/unit/test_comm.py checks the source tree).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
 from pretrain.data.shards import Batch
+from pretrain.models.objectives import Objective
 from pretrain.models.simmim import with_mask_tokens
 
 
@@ -148,7 +149,7 @@ class PipelineLoss:
     with the valid-row mask as the last carried tensor.
     """
 
-    def __init__(self, objective: Any):
+    def __init__(self, objective: Objective):
         self.objective = objective
         self.evaluating = False
 
@@ -231,7 +232,7 @@ class SwinPipeline(PipelineModule):
         self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
 
 
-def build_pipeline(model: nn.Module, objective: Any, topo: Any, partition: str) -> SwinPipeline:
+def build_pipeline(model: nn.Module, objective: Objective, topo: Any, partition: str) -> SwinPipeline:
     """`model` as a DeepSpeed pipeline over `topo`'s stages (and its grid), cut by method `partition`."""
     layers = pipeline_layers(model)
     flops = None

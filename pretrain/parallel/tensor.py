@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.models.blocks import SWIN_BLOCKS, V2_BLOCK
+
 # Parameter-name suffix -> how the tensor is cut: a dimension split into equal contiguous
 # parts, or "qkv" (rows laid out (q|k|v, heads, head_dim): each rank takes its heads of all three).
 SPLITS: dict[str, int | str] = {
@@ -141,8 +143,8 @@ def apply_tensor_parallel(model: nn.Module, rank: int, size: int, shapes_only: b
     changed = []
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
-        if kind in ("SwinTransformerBlock", "SwinTransformerV2Block"):
-            _split_attention(module.attn, rank, size, kind == "SwinTransformerV2Block", shapes_only)
+        if kind in SWIN_BLOCKS:
+            _split_attention(module.attn, rank, size, kind == V2_BLOCK, shapes_only)
             mlp = module.mlp
             mlp.fc1 = _parallel_linear(mlp.fc1, "column", rank, size, SPLITS["mlp.fc1.weight"], shapes_only)
             mlp.fc2 = _parallel_linear(mlp.fc2, "row", rank, size, SPLITS["mlp.fc2.weight"], shapes_only)

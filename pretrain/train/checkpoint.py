@@ -17,19 +17,36 @@ So must the precision: it decides who holds the fp32 master weights and in what 
 
 Which checkpoint to resume is decided by rank 0 alone and broadcast: every rank reading
 every tag's files would load a shared filesystem N-fold, and with cached file attributes
-ranks could pick different tags.
+ranks could pick different tags. Rank 0 also removes, with one line, the tags newer than
+`latest` that have no manifest: the leftovers of a save that did not finish.
+
+What a checkpoint records besides DeepSpeed's own state is one `RunState` (the run's
+constant facts and its progress counters), DeepSpeed's client state. Consolidating a tag
+into one state dict (for export) lives in the sibling `consolidate.py`, which also owns
+DeepSpeed's file names; it is kept apart only to keep this module short.
+
+A write that fails during a save (a full disk, a quota) does not stop a rank in the middle of
+DeepSpeed's save, where the other ranks wait in its barriers: the failure is recorded, the
+rank's remaining writes of that save are skipped, every rank finishes the save's collectives
+and then all agree, in one all-reduce, whether any rank failed. Every rank then raises
+`SaveFailed` with the same one line (`agreed`). A write error that still escapes DeepSpeed
+elsewhere leaves the ranks out of step: that rank raises `SaveFailed(agreed=False)` and must
+exit at once without further collectives (the launcher stops the others).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,6 +59,54 @@ MANIFEST = "manifest.json"
 LAYOUT = "layout.json"  # in a tag: the process layout and ZeRO stage it was saved with
 UNIVERSAL = "universal"  # in the checkpoint dir: tags converted for another layout
 STOPPED_MARKER = "stopped_on_signal"  # in the run dir: checkpointed on a stop signal, requeue me
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read as this code expects (one line)."""
+
+
+class SaveFailed(CheckpointError):
+    """A checkpoint could not be written; `latest` still names the previous one.
+
+    `agreed`: every rank knows and raises it (the collectives stayed in step). Otherwise only
+    this rank does, and it must leave without another collective.
+    """
+
+    def __init__(self, message: str, agreed: bool):
+        super().__init__(message)
+        self.agreed = agreed
+
+
+@dataclass(frozen=True)
+class RunState:
+    """DeepSpeed's client state of our checkpoints: the run's constant facts and its progress.
+
+    Keys a checkpoint of an older version lacks read as their defaults, as before.
+    """
+
+    arch: str = ""
+    num_classes: int = 0  # 0: no classifier head (SimMIM)
+    label_map_version: str | None = None
+    # Names of the optimizer's parameter groups' tensors, in order: where fp32 master weights
+    # saved without ZeRO belong (None in checkpoints that predate it).
+    param_group_names: list[list[str]] | None = None
+    step: int = 0
+    samples_seen: int = 0
+    skipped_samples: int = 0  # undecodable samples skipped, over all ranks
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss
+
+    def to_client_state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_client_state(cls, saved: dict[str, Any]) -> RunState:
+        defaults = cls()
+        return cls(**{name: saved.get(name, getattr(defaults, name)) for name in cls.__dataclass_fields__})
+
+    def at(self, step: int, samples_seen: int, skipped_samples: int, skipped_steps: int) -> RunState:
+        """These facts with this progress."""
+        return replace(self, step=step, samples_seen=samples_seen, skipped_samples=skipped_samples,
+                       skipped_steps=skipped_steps)
 
 
 @dataclass(frozen=True)
@@ -111,18 +176,129 @@ def layout(topo: Any, zero_stage: int, precision: str) -> dict[str, Any]:
             "tensor_parallel": topo.tensor, "precision": precision}
 
 
-def save(engine: Any, run_dir: Path, step: int, client_state: dict[str, Any], keep_last: int,
-         saved_layout: dict[str, int]) -> str:
-    """Save a checkpoint from every rank and make it `latest` once all ranks are done."""
+# Write failures recorded instead of raised inside DeepSpeed's save (see the module docstring).
+# torch's zip writer reports a short write (a full disk) as a RuntimeError from its C++ side.
+_TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed")
+_OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_FAILURE, FAILED, OUT_OF_SPACE = 0, 1, 2  # what a rank contributes to the save's all-reduce (max)
+
+
+def _is_write_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE_ERRORS))
+
+
+def _failure_kind(e: BaseException) -> int:
+    return FAILED if isinstance(e, OSError) and e.errno not in _OUT_OF_SPACE else OUT_OF_SPACE
+
+
+class _WriteFailures:
+    """The first write error of this rank during one save; later writes of that save are skipped."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+    def guard(self, write: Any) -> Any:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.error is not None:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:
+                if not _is_write_error(e):
+                    raise
+                self.error = e
+                return None
+        return guarded
+
+
+@contextmanager
+def _recording_write_errors(engine: Any) -> Iterator[_WriteFailures]:
+    """Make DeepSpeed's file writes of one save record their errors instead of raising them.
+
+    Its checkpoint engine writes every tensor file (pipeline layer files included) and makes
+    the directories; rank 0 also copies DeepSpeed's recovery scripts next to the tags.
+    """
+    failures = _WriteFailures()
+    patched = [(obj, name) for obj, name in ((engine.checkpoint_engine, "save"), (engine.checkpoint_engine, "makedirs"),
+                                             (engine, "_copy_recovery_script")) if hasattr(obj, name)]
+    for obj, name in patched:
+        setattr(obj, name, failures.guard(getattr(obj, name)))
+    try:
+        yield failures
+    finally:
+        for obj, name in patched:
+            delattr(obj, name)  # the instance attribute: the class's method shows again
+
+
+def _free_space(path: Path) -> str:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = float(shutil.disk_usage(path).free)
+    except OSError:
+        return "free space unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if free < 1024:
+            break
+        free /= 1024
+    else:
+        unit = "TiB"
+    return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
+
+
+def _save_failed_message(ckpt_dir: Path, tag: str, kind: int, detail: str | None = None) -> str:
+    previous = latest_tag(ckpt_dir)
+    why = "the disk is full" if kind == OUT_OF_SPACE else "a write failed"
+    return (f"could not save checkpoint {tag} in {ckpt_dir}: {why} ({_free_space(ckpt_dir)} there"
+            f"{f'; {detail}' if detail else ''}); "
+            + (f"{previous} stays the latest checkpoint" if previous else "there is no earlier checkpoint")
+            + ", free space and re-run to continue")
+
+
+def _detail(e: BaseException) -> str | None:
+    """What to add to the one line: the OS's words; torch's C++ writer message goes to the log only."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"rank {dist.get_rank()}: {e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return None
+
+
+def save(engine: Any, run_dir: Path, state: RunState, keep_last: int, saved_layout: dict[str, Any]) -> str:
+    """Save a checkpoint of `state` from every rank and make it `latest` once all ranks are done.
+
+    Raises SaveFailed when a file could not be written (see the module docstring).
+    """
     ckpt_dir = checkpoint_dir(run_dir)
-    tag = tag_for(step)
+    tag = tag_for(state.step)
     # `universal_checkpoint_info` lets ds_to_universal convert this checkpoint for another world size.
-    state = {**client_state, "universal_checkpoint_info": {}}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
-    dist.barrier()
+    client_state = {**state.to_client_state(), "universal_checkpoint_info": {}}
+    try:
+        with _recording_write_errors(engine) as failures:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except Exception as e:
+        if not _is_write_error(e):
+            raise
+        logging.getLogger("pretrain").error(f"checkpoint {tag}: {e!r}")
+        raise SaveFailed(_save_failed_message(ckpt_dir, tag, _failure_kind(e), _detail(e)), agreed=False) from e
+    here = NO_FAILURE if failures.error is None else _failure_kind(failures.error)
+    # The one collective that tells every rank whether any rank's write failed (also the
+    # barrier before rank 0 publishes: every rank's files are written when it returns).
+    kind = int(comm.to_host(comm.all_reduce([here], op="max"))[0])
+    if kind != NO_FAILURE:
+        detail = None
+        if failures.error is not None:
+            logging.getLogger("pretrain").error(f"checkpoint {tag}: {failures.error!r}")
+            detail = _detail(failures.error)
+        raise SaveFailed(_save_failed_message(ckpt_dir, tag, kind, detail), agreed=True)
+    problem = None
     if dist.get_rank() == 0:
-        _publish(ckpt_dir, tag, keep_last, saved_layout)
-    dist.barrier()
+        try:
+            _publish(ckpt_dir, tag, keep_last, saved_layout)
+        except OSError as e:
+            logging.getLogger("pretrain").error(f"checkpoint {tag}: {e!r}")
+            problem = (_failure_kind(e), _detail(e))
+    problem = comm.broadcast_object(problem)  # every rank learns how publishing went (and waits for it)
+    if problem is not None:
+        raise SaveFailed(_save_failed_message(ckpt_dir, tag, *problem), agreed=True)
     return tag
 
 
@@ -149,6 +325,7 @@ def _choose_resume(run_dir: Path, topo: Any, zero_stage: int, precision: str) ->
     """The newest intact checkpoint of the run and how to load it at this layout, or None (rank 0 reads)."""
     ckpt_dir = checkpoint_dir(run_dir)
     newest = latest_tag(ckpt_dir)
+    _remove_unfinished(ckpt_dir, newest)
     if newest is None:
         return None
     candidates = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step")
@@ -178,10 +355,25 @@ def _choose_resume(run_dir: Path, topo: Any, zero_stage: int, precision: str) ->
     raise RuntimeError(f"no intact checkpoint in {ckpt_dir}; move it away to start over")
 
 
+def _remove_unfinished(ckpt_dir: Path, newest: str | None) -> None:
+    """Remove the tags after `newest` (all, if None) that have no manifest: saves that did not finish."""
+    if not ckpt_dir.is_dir():
+        return
+    for path in sorted(ckpt_dir.iterdir()):
+        if path.is_dir() and path.name.startswith("step") and (newest is None or path.name > newest) \
+                and not (path / MANIFEST).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            text = f"removed checkpoint {path}: its save did not finish" + \
+                (f" ({newest} is the latest)" if newest else "")
+            print(text, flush=True)
+            logging.getLogger("pretrain").info(text)
+
+
 def prepare(point: ResumePoint) -> None:
     """Convert `point` to universal form once (rank 0) if it needs it; every rank calls this."""
     target = point.load_dir / point.tag
     if point.universal and dist.get_rank() == 0 and not (target / MANIFEST).is_file():
+        # Imported here: DeepSpeed is heavy and its checkpoint tools are needed only for a conversion.
         from deepspeed.checkpoint import ds_to_universal
 
         tmp = point.load_dir / f".{point.tag}.tmp"
@@ -197,9 +389,13 @@ def prepare(point: ResumePoint) -> None:
     dist.barrier()
 
 
-def resume(engine: Any, point: ResumePoint) -> dict[str, Any]:
-    """Load `point` into the engine (every rank); return its client state."""
+def resume(engine: Any, point: ResumePoint) -> RunState:
+    """Load `point` into the engine (every rank); return the run state it recorded."""
     path, client_state = engine.load_checkpoint(str(point.load_dir), tag=point.tag)
     if path is None:
         raise RuntimeError(f"checkpoint {point.load_dir / point.tag} could not be loaded")
-    return client_state
+    missing = [key for key in ("step", "samples_seen") if key not in client_state]
+    if missing:
+        raise CheckpointError(f"checkpoint {point.load_dir / point.tag} has no {' or '.join(missing)} in its "
+                              f"client state (not written by pretrain/main.py?)")
+    return RunState.from_client_state(client_state)

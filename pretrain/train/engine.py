@@ -3,9 +3,8 @@
 1. the objective builds the model (a timm Swin, or SimMIM around one), with identical
    initial weights on every rank;
 2. optional initial weights from an export (`run.init_from`), frozen parameters;
-3. tensor parallelism (each rank keeps its shard of every block), activation
-   checkpointing and sequential attention (memory), then the speed switches (attention
-   kernel, compile);
+3. `parallel/prepare.py`'s `prepare_model`: tensor parallelism, activation checkpointing,
+   sequential attention, then the speed switches (attention kernel, compile);
 4. pipeline parallelism: the model cut into this rank's pipeline stage;
 5. AdamW parameter groups (of this stage's parameters), the LR schedule, and DeepSpeed
    ZeRO from our config, over the topology's data-parallel groups (bf16 without ZeRO or
@@ -19,18 +18,17 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+import deepspeed
 import numpy as np
 import torch
 
 from pretrain.config import Config
-from pretrain.models.backbones import load_backbone_weights
-from pretrain.models.objectives import build_objective
-from pretrain.models.speed import CompileSummary, apply_speedups
-from pretrain.parallel.activation_ckpt import apply_activation_checkpointing, configure_deepspeed_checkpointing
+from pretrain.models.backbones import BACKBONES, load_backbone_weights, resolve_geometry
+from pretrain.models.objectives import Objective, build_objective
+from pretrain.models.speed import CompileSummary
 from pretrain.parallel.deepspeed_config import deepspeed_config
 from pretrain.parallel.pipeline import build_pipeline
-from pretrain.parallel.sequential_attention import apply_sequential_attention
-from pretrain.parallel.tensor import apply_tensor_parallel
+from pretrain.parallel.prepare import prepare_model
 from pretrain.parallel.topology import Topology
 from pretrain.train.mixed_precision import uses_fused_mixed_precision
 from pretrain.train.optim import WarmupCosine, build_optimizer, build_schedule, freeze, param_groups
@@ -38,18 +36,20 @@ from pretrain.train.optim import WarmupCosine, build_optimizer, build_schedule, 
 
 @dataclass
 class Training:
+    """Everything the trainer trains with: the engine, the objective, the schedule, and the model's facts."""
+
     engine: Any
-    objective: Any
+    objective: Objective
     schedule: WarmupCosine
     param_group_names: list[list[str]]
+    num_classes: int  # of the classification head (the dataset's, for SimMIM's FLOP count)
+    img_size: int  # the model's input size (model.img_size resolved for the architecture)
     init_message: str = ""
     skip_target: Any = None  # the optimizer to hand the trainer's "skip this update" flag (train/optim.py)
     compile_summary: CompileSummary | None = None  # what speed.compile did, reported after the first step
 
 
 def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal: bool = False) -> Training:
-    import deepspeed
-
     if topo.device.type == "cuda":
         # fp32 matmuls on the tensor cores as TF32 unless asked not to (torch's default is full fp32).
         torch.set_float32_matmul_precision("high" if cfg.speed.tf32 else "highest")
@@ -62,13 +62,7 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
         messages.append(f"initialized {loaded} backbone tensors from {cfg.run.init_from}")
     freeze(getattr(model, "encoder", model), cfg.optim.frozen)
     p = cfg.parallel
-    apply_tensor_parallel(model, topo.tp_rank, topo.tensor)
-    by_deepspeed = p.partition_activations or p.cpu_checkpointing
-    if by_deepspeed:
-        configure_deepspeed_checkpointing(p.partition_activations, p.cpu_checkpointing, topo)
-    apply_activation_checkpointing(model, p.activation_checkpointing, p.checkpoint_every_k, by_deepspeed)
-    apply_sequential_attention(model, p.sequential_attention, p.attention_chunk_windows)
-    compile_summary = apply_speedups(model, cfg.speed.sdpa_attention, cfg.speed.compile)
+    compile_summary = prepare_model(model, cfg, topo)
     groups, group_names = param_groups(model, cfg.optim.weight_decay)  # named as in the whole model
     module, mpu = model, topo.grid
     if topo.pipeline > 1:
@@ -96,7 +90,9 @@ def build_training(cfg: Config, topo: Topology, num_classes: int, load_universal
     # ZeRO 1-3 skip a step whose gradient norm is not finite themselves (DeepSpeed's check);
     # without ZeRO the trainer flags it on our optimizer. Pipelines step inside DeepSpeed.
     skip_target = optimizer if p.zero_stage == 0 and topo.pipeline == 1 else None
-    return Training(engine, objective, schedule, group_names, "\n".join(messages), skip_target, compile_summary)
+    img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+    return Training(engine, objective, schedule, group_names, num_classes, img_size, "\n".join(messages), skip_target,
+                    compile_summary)
 
 
 def seed_everything(seed: int) -> None:

@@ -2,7 +2,8 @@
 
 Rank 0 writes TensorBoard and `metrics.jsonl` (the same scalars, one JSON object per
 logged step, for scripts and tests) and prints the console lines. Every rank writes its
-own `RUN_DIR/logs/rank<N>.log` (console lines, warnings, skipped samples).
+own `RUN_DIR/logs/rank<N>.log` (console lines, warnings, skipped samples), set up once by
+the entry point with `setup_logging`.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ import time
 from pathlib import Path
 
 
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """This process's log file, `RUN_DIR/logs/rank<N>.log`: every INFO record and every warning."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
 class Metrics:
     def __init__(self, run_dir: Path, rank: int):
         self.enabled = rank == 0
         self.run_dir = run_dir
         self.writer = None
         self.jsonl = None
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        logging.getLogger().setLevel(logging.INFO)
-        logging.captureWarnings(True)
-        self.log_file = logging.getLogger("pretrain")
+        self.log_file = logging.getLogger("pretrain")  # to the log files `setup_logging` opened
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -7,25 +7,28 @@ evaluation keeps ranks in step), so no collective ever waits for a rank that sto
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from pretrain.config import DTYPES, Config
-from pretrain.data.shards import Batch, eval_loader, train_loader
+from pretrain.data.info import DatasetInfo
+from pretrain.data.shards import Batch, train_loader
 from pretrain.data.transforms import BatchPreprocess
 from pretrain.flops import peak_flops_and_source, train_flops_per_image
 from pretrain.models.backbones import BACKBONES
 from pretrain.parallel import comm
-from pretrain.parallel.pipeline import NO_DATA, pack, padded
+from pretrain.parallel.pipeline import NO_DATA, pack
 from pretrain.parallel.topology import Topology
 from pretrain.train import checkpoint
-from pretrain.train.metrics import Metrics
 from pretrain.train.engine import Training
+from pretrain.train.evaluation import Evaluation
+from pretrain.train.faults import NO_FAULTS, FaultInjection
+from pretrain.train.inputs import InputPath, Inputs
+from pretrain.train.metrics import Metrics
 from pretrain.train.optim import set_lr, skip_update_if
 from pretrain.train.preemption import StopSignal
 from pretrain.train.progress import BAD, STOP, TrainState, Window, format_duration, host_number, memory_gb
@@ -39,8 +42,8 @@ class Diverged(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, topo: Topology, training: Training, dataset: dict[str, Any], img_size: int,
-                 metrics: Metrics, client_state: dict[str, Any]):
+    def __init__(self, cfg: Config, topo: Topology, training: Training, dataset: DatasetInfo, metrics: Metrics,
+                 run_state: checkpoint.RunState, faults: FaultInjection = NO_FAULTS):
         self.cfg = cfg
         self.topo = topo
         self.engine = engine = training.engine
@@ -49,32 +52,29 @@ class Trainer:
         self.skip_target = training.skip_target  # told to skip a step with a non-finite loss (train/optim.py)
         self.compile_summary = training.compile_summary
         self.dataset = dataset
-        self.img_size = img_size
+        self.img_size = training.img_size
         self.metrics = metrics
-        self.client_state = client_state  # constant facts saved with every checkpoint
+        self.faults = faults
+        self.run_state = run_state  # the run's constant facts, saved with every checkpoint
         self.dtype = DTYPES[cfg.precision]
         self.device = engine.device
         self.state = TrainState()
         self.skipped_here = 0  # samples this rank skipped since this process started
         self.norm_not_recorded = cfg.parallel.zero_stage == 0 and cfg.precision == "fp32"
-        self.pipelined = topo.pipeline > 1
         # With a pipeline only the first stage reads data: the targets travel with the activations.
         self.reads_data = topo.stage == 0
         # Ranks of one tensor-parallel group see the same samples: count them on one of them.
         self.counts = 1 if topo.tp_rank == 0 else 0
-        self.show_images = cfg.objective.kind == "simmim" and not self.pipelined
-        if cfg.objective.kind == "simmim" and self.pipelined:
-            metrics.print("reconstruction pictures are not drawn with pipeline_stages > 1 (no rank holds the "
-                          "whole model); the losses are logged as usual")
-        self.fixed_batch: Batch | None = None
+        self._take_step = self._pipeline_step if topo.pipeline > 1 else self._train_step  # chosen once
+        self.inputs = InputPath(self.objective, self.device, self.dtype)
+        self.evaluation = Evaluation(cfg, topo, training, dataset, metrics, self.inputs, self.pin_memory)
         self.stop = StopSignal()
         self.stop_agreed = False
         self.bad_in_a_row = 0
         # Each step's reduced flags, copied to the host in the background and read a step later.
         self.pending: deque[tuple[int, comm.HostCopy]] = deque()
-        self.fault_nan_steps = {int(s) for s in os.environ.get("PRETRAIN_FAULT_NAN_STEPS", "").split(",") if s}
         self.flops_per_image = train_flops_per_image(cfg.model.arch, cfg.model.img_size, cfg.model.window_size,
-                                                     client_state.get("num_classes", 0))
+                                                     training.num_classes)
         self.peak_flops, peak_source = peak_flops_and_source(cfg.log.peak_tflops)
         metrics.print(f"MFU peak: {peak_source}")
 
@@ -82,8 +82,7 @@ class Trainer:
 
     def resume(self, point: checkpoint.ResumePoint) -> None:
         saved = checkpoint.resume(self.engine, point)
-        self.state = TrainState(saved["step"], saved["samples_seen"], saved.get("skipped_samples", 0),
-                                saved.get("skipped_steps", 0))
+        self.state = TrainState(saved.step, saved.samples_seen, saved.skipped_samples, saved.skipped_steps)
         self.metrics.print(f"resumed from step {self.state.step} ({self.state.samples_seen} samples seen)")
 
     def skipped_counts(self) -> tuple[int, int]:
@@ -93,9 +92,9 @@ class Trainer:
         return self.state.skipped_samples + int(total), int(most)
 
     def save(self) -> None:
-        state = {**self.client_state, "step": self.state.step, "samples_seen": self.state.samples_seen,
-                 "skipped_samples": self.skipped_counts()[0], "skipped_steps": self.state.skipped_steps}
-        tag = checkpoint.save(self.engine, self.cfg.run_dir, self.state.step, state, self.cfg.checkpoint.keep_last,
+        state = self.run_state.at(self.state.step, self.state.samples_seen, self.skipped_counts()[0],
+                                  self.state.skipped_steps)
+        tag = checkpoint.save(self.engine, self.cfg.run_dir, state, self.cfg.checkpoint.keep_last,
                               checkpoint.layout(self.topo, self.cfg.parallel.zero_stage, self.cfg.precision))
         self.metrics.print(f"step {self.state.step}: saved checkpoint {tag}")
 
@@ -120,7 +119,8 @@ class Trainer:
         cfg = self.cfg
         total = cfg.schedule.total_steps
         batches = iter(train_loader(cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size,
-                                    self.state.step, pin_memory=self.pin_memory)) if self.reads_data else iter(())
+                                    self.state.step, pin_memory=self.pin_memory,
+                                    patch_size=BACKBONES[cfg.model.arch].patch_size)) if self.reads_data else iter(())
         preprocess = BatchPreprocess(cfg, training=True, device=self.device)
         self.engine.train()
         window = Window()
@@ -129,9 +129,8 @@ class Trainer:
         while self.state.step < total:
             step = self.state.step + 1
             log_now = step % cfg.log.every_steps == 0 or step == total
-            take_step = self._pipeline_step if self.pipelined else self._train_step
             started = time.time()
-            flags = take_step(batches, preprocess, window, log_now)
+            flags = self._take_step(batches, preprocess, window, log_now)
             if self.compile_summary is not None and step == self.start_step + 1:
                 self._report_compile(started)
             self.state.step = step
@@ -145,9 +144,10 @@ class Trainer:
                 self._log_train(step, window)
                 window = Window()
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != total:
-                last_eval = self.evaluate()
-            if self.show_images and cfg.log.images_every_steps and step % cfg.log.images_every_steps == 0:
-                self.log_images()
+                last_eval = self.evaluation.evaluate(step)
+            if self.evaluation.draws_pictures and cfg.log.images_every_steps \
+                    and step % cfg.log.images_every_steps == 0:
+                self.evaluation.log_images(step)
             if saving:
                 self.save()
             if self.stop_agreed:
@@ -162,9 +162,9 @@ class Trainer:
                 raise Preempted(f"stopped at step {step} on {self.stop.received or 'a signal to another rank'}; "
                                 f"checkpoint saved, re-run (or requeue) to continue")
         if self.state.step == total:
-            last_eval = self.evaluate()
-            if self.show_images:
-                self.log_images()
+            last_eval = self.evaluation.evaluate(self.state.step)
+            if self.evaluation.draws_pictures:
+                self.evaluation.log_images(self.state.step)
         skipped, _ = self.skipped_counts()
         self.metrics.print(f"finished: {self.state.step} steps, {self.state.samples_seen} samples seen, "
                            f"{skipped} undecodable samples skipped, {self.state.skipped_steps} steps skipped")
@@ -204,12 +204,13 @@ class Trainer:
         stop = torch.ones_like(bad) if self.stop.received else torch.zeros_like(bad)
         return comm.all_reduce(torch.stack([bad, stop, loss_sum]))
 
-    def _next_batch(self, batches: Iterator[Batch], window: Window) -> Batch:
-        t_wait = time.time()
+    def _next_inputs(self, batches: Iterator[Batch], preprocess: BatchPreprocess, window: Window) -> Inputs:
+        """The next training batch as model inputs (`InputPath`); the wait for it is data wait."""
+        waited = time.time()
         batch = next(batches)
-        window.wait += time.time() - t_wait
+        window.wait += time.time() - waited
         self.skipped_here += batch.skipped
-        return batch
+        return self.inputs(batch, preprocess, training=True)
 
     def _train_step(self, batches: Iterator[Batch], preprocess: BatchPreprocess, window: Window,
                     log_now: bool) -> torch.Tensor:
@@ -228,9 +229,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         grad_norm = None
         for micro in range(accum):
-            loss = self.objective.loss(*self._forward(self._next_batch(batches, window), preprocess, training=True))
-            if self.state.step + 1 in self.fault_nan_steps and self.topo.rank == 0:
-                loss = loss * float("nan")  # fault injection for tests (PRETRAIN_FAULT_NAN_STEPS)
+            x = self._next_inputs(batches, preprocess, window)
+            loss = self.faults.loss(self.state.step + 1, self.objective.loss(self.engine(*x.model), x.targets))
             bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
             loss_sum = loss_sum + loss.detach().float() / accum
             self.engine.backward(loss)
@@ -261,10 +261,8 @@ class Trainer:
                 if not self.reads_data:  # the last stage's "labels": unused, the targets are carried
                     yield NO_DATA
                     continue
-                batch = self._next_batch(batches, window)
-                images = preprocess(batch.images.to(self.device, non_blocking=True))
-                inputs, targets = self.objective.prepare(images, batch, True)
-                yield pack((inputs[0].to(self.dtype), *inputs[1:]), targets), NO_DATA[1]
+                x = self._next_inputs(batches, preprocess, window)
+                yield pack(x.model, x.targets), NO_DATA[1]
 
         # DeepSpeed broadcasts the last stage's loss to every stage.
         loss = self.engine.train_batch(data_iter=micro_batches()).detach().float().to(self.device)
@@ -291,7 +289,7 @@ class Trainer:
             "train/images_per_s_per_gpu": images_per_s / self.topo.world_size,
             "train/data_wait_pct": 100.0 * wait / elapsed,
             "train/samples_seen": self.state.samples_seen,
-            "train/epoch": self.state.samples_seen / max(1, self.dataset["splits"]["train"]["samples"]),
+            "train/epoch": self.state.samples_seen / max(1, self.dataset.split("train").samples),
             "train/skipped_steps": self.state.skipped_steps,
             "train/memory_allocated_gb": most_allocated,
             "train/memory_reserved_gb": most_reserved,
@@ -314,104 +312,3 @@ class Trainer:
             + (f"  skipped {int(skipped_total)}" if skipped_total else "")
             + f"  eta {format_duration(eta)}"
         )
-
-    def _forward(self, batch: Batch, preprocess: BatchPreprocess, training: bool):
-        """(model outputs, loss targets) for one batch; the image input runs in the training precision."""
-        images = preprocess(batch.images.to(self.device, non_blocking=True))
-        inputs, targets = self.objective.prepare(images, batch, training)
-        return self.engine(inputs[0].to(self.dtype), *inputs[1:]), targets
-
-    # -- evaluation --------------------------------------------------------------------
-
-    def _dummy_batch(self) -> Batch:
-        size, tokens = self.img_size, self.img_size // BACKBONES[self.cfg.model.arch].patch_size
-        return Batch(torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), 0,
-                     torch.zeros(1, tokens, tokens, dtype=torch.uint8))
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """The objective's metrics over the whole validation split, each sample counted exactly once."""
-        self.engine.eval()
-        if self.pipelined:  # evaluation micro-batches carry one more tensor (valid rows) than training's
-            self.engine.reset_activation_shape()
-            self.engine.module.loss_fn.evaluating = True
-        sums = None
-        skipped = 0
-        batches = iter(eval_loader(self.cfg, self.dataset, self.img_size, self.topo.dp_rank, self.topo.dp_size,
-                                   pin_memory=self.pin_memory)) if self.reads_data else iter(())
-        preprocess = BatchPreprocess(self.cfg, training=False, device=self.device)
-        while True:
-            batch = next(batches, None)
-            if batch is not None and batch.labels.numel() == 0:  # only skipped samples at the end of a shard
-                skipped += batch.skipped
-                continue
-            # Ranks may hold different numbers of batches; with ZeRO-3 (and a pipeline) every
-            # forward is a collective, so a rank that ran out runs a zero-weight dummy batch
-            # until all are done.
-            if comm.to_host(comm.all_reduce([0.0 if batch is None else 1.0], op="max"))[0] == 0:
-                break
-            valid = torch.zeros(1, device=self.device) if batch is None \
-                else torch.ones(batch.labels.shape[0], device=self.device)
-            batch = self._dummy_batch() if batch is None else batch
-            skipped += batch.skipped
-            batch_sums = (self._pipeline_eval_sums if self.pipelined else self._eval_sums)(batch, valid, preprocess)
-            if batch_sums is not None:
-                sums = batch_sums if sums is None else sums + batch_sums
-        if sums is None:  # no validation data, or a pipeline stage that does not compute the loss
-            sums = torch.zeros(self.objective.eval_sums_size, dtype=torch.float64, device=self.device)
-        mine = torch.cat([sums.double().to(self.device), torch.full((1,), float(skipped), dtype=torch.float64,
-                                                                    device=self.device)]) * self.counts
-        totals = torch.tensor(comm.to_host(comm.all_reduce(mine)), dtype=torch.float64)
-        result = {**self.objective.eval_metrics(totals[:-1]), "eval/skipped": float(totals[-1])}
-        self.metrics.log(self.state.step, result)
-        shown = "  ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in result.items()
-                          if k not in ("eval/samples", "eval/skipped"))
-        self.metrics.print(f"step {self.state.step}: eval {shown}  on {int(result['eval/samples'])} images")
-        if self.pipelined:
-            self.engine.reset_activation_shape()
-            self.engine.module.loss_fn.evaluating = False
-        self.engine.train()
-        return result
-
-    def _eval_sums(self, batch: Batch, valid: torch.Tensor, preprocess: BatchPreprocess) -> torch.Tensor:
-        outputs, targets = self._forward(batch, preprocess, training=False)
-        return self.objective.eval_sums(outputs, targets, valid)
-
-    def _pipeline_eval_sums(self, batch: Batch, valid: torch.Tensor, preprocess: BatchPreprocess,
-                            ) -> torch.Tensor | None:
-        """Evaluation sums of one batch through the pipeline (on its last stage; None elsewhere).
-
-        Batches are padded to `eval.micro_batch` rows with zero weight: the pipeline sends
-        activations of one fixed shape.
-        """
-        micro = NO_DATA
-        if self.reads_data:
-            batch, valid = padded(batch, valid, self.cfg.eval.micro_batch)
-            images = preprocess(batch.images.to(self.device, non_blocking=True))
-            inputs, targets = self.objective.prepare(images, batch, False)
-            micro = (*pack((inputs[0].to(self.dtype), *inputs[1:]), targets), valid.to(self.device)), NO_DATA[1]
-        # DeepSpeed sums every last-stage loss into `total_loss` and clears it only in
-        # train_batch; our evaluation "loss" is a vector of sums, so start from nothing.
-        self.engine.total_loss = None
-        out = self.engine.eval_batch(iter([micro]), compute_loss=True, reduce_output=None, bcast_loss=False,
-                                     num_micro_batches=1)
-        return out[0] if self.engine.is_last_stage() else None
-
-    @torch.no_grad()
-    def log_images(self) -> None:
-        """Pictures of the objective on a fixed set of validation images (every rank runs the forward)."""
-        if self.fixed_batch is None:
-            first = next(iter(eval_loader(self.cfg, self.dataset, self.img_size, rank=0, world=1)), None)
-            if first is None or first.labels.numel() == 0:
-                return
-            n = self.cfg.log.images
-            self.fixed_batch = Batch(first.images[:n], first.labels[:n], 0,
-                                     None if first.masks is None else first.masks[:n])
-        self.engine.eval()
-        preprocess = BatchPreprocess(self.cfg, training=False, device=self.device)
-        images = preprocess(self.fixed_batch.images.to(self.device))
-        outputs, _ = self._forward(self.fixed_batch, preprocess, training=False)
-        picture = self.objective.visualize(outputs, images, self.fixed_batch)
-        self.engine.train()
-        if picture is not None:
-            self.metrics.image("eval/reconstruction", picture, self.state.step)
