@@ -14,7 +14,7 @@ take turns step by step (reference-ours, then ours-reference, ...) after warm-up
 pair starts with one timed dense bf16 matmul (the fastest of 4096 and 8192 on CUDA, 4096 and
 6144 on CPU, chosen once), so noise from other jobs lands on both sides and on the peak.
 Reported: min / median / max over the pairs of the ratio ours / reference and of each side's
-MFU (analytic FLOPs, pretrain/flops.py, over that pair's matmul sample), and on CUDA MFU
+MFU (analytic FLOPs, pretrain/train/flops.py, over that pair's matmul sample), and on CUDA MFU
 against the datasheet peak and each side's own peak allocated and reserved memory.
 `--compile` compiles our engine's blocks (the reference stays eager).
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -49,13 +48,14 @@ def _baseline_rate(images: Path, img_size: int, samples: int, batch: int) -> flo
 
 def _our_rate(shards: Path, img_size: int, samples: int, batch: int) -> float:
     from pretrain.config import Config
+    from pretrain.data.info import DatasetInfo
     from pretrain.data.shards import train_loader
     from pretrain.data.transforms import BatchPreprocess
 
     cfg = Config()
     cfg.data.root, cfg.data.workers, cfg.data.shuffle_buffer = str(shards), 0, 200
     cfg.batch.micro_batch = batch
-    info = json.loads((shards / "dataset.json").read_text())
+    info = DatasetInfo.read(shards)
     preprocess = BatchPreprocess(cfg, training=True, device=torch.device("cpu"))
     batches = iter(train_loader(cfg, info, img_size, rank=0, world=1, start_step=0))
     return rate((preprocess(batch.images).shape[0] for batch in batches), samples)

@@ -207,7 +207,7 @@ def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps:
                compile_blocks: bool, zero_stage: int = 0, peak_sizes: tuple[int, ...] | None = None) -> dict:
     """Interleaved steps of the reference and our engine; `warmup` >= 1 untimed steps each first."""
     from launch.env import default_accelerator
-    from pretrain.flops import peak_flops_and_source, train_flops_per_image
+    from pretrain.train.flops import peak_flops_and_source, train_flops_per_image
     from pretrain.models.backbones import BACKBONES, resolve_geometry
 
     if warmup < 1 or steps < 1:
@@ -241,7 +241,7 @@ def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps:
 def bench_scaling(arch: str, sizes: list[int], micro: int, warmup: int, steps: int) -> list[dict]:
     """Our step time per image at each size, against pixels and analytic FLOPs; windows chosen
     to tile each resolution (attention cost per token grows with the window's area)."""
-    from pretrain.flops import train_flops_per_image
+    from pretrain.train.flops import train_flops_per_image
 
     device = device_of()
     rows = []

@@ -26,8 +26,10 @@ rides along with each batch so the trainer can report it per rank.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import multiprocessing
 import random
 from itertools import count
 from pathlib import Path
@@ -240,14 +242,57 @@ class WatchedLoader:
                           "(a stalled source or a stuck worker; data.stall_timeout_s)")
 
 
+# How DataLoader workers start. Not "fork": the trainer forks workers while other threads
+# run (TensorBoard's writer, the loader's queue feeders, pinning, library threads), and a
+# lock one of them holds at that instant (a file's buffer lock under a log handler, say)
+# stays held forever in the child, which then hangs at its first use of it. A forkserver
+# is one clean single-threaded process, started once per rank with the data modules
+# already imported, that forks each worker.
+WORKER_START_METHOD = "forkserver"
+_PRELOAD = ["torch", "torch.utils.data", "pretrain.data.shards"]
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context(WORKER_START_METHOD)
+    if WORKER_START_METHOD == "forkserver":
+        context.set_forkserver_preload(_PRELOAD)  # has no effect once this process's server runs
+    return context
+
+
+def _log_files() -> list[tuple[str, str | None, int]]:
+    """(path, format, level) of the root logger's log files, for workers to write to as well."""
+    return [(h.baseFilename, h.formatter._fmt if h.formatter else None, h.level)
+            for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+def _init_worker_logging(files: list[tuple[str, str | None, int]], level: int, worker_id: int) -> None:
+    """In a worker started afresh: its warnings (skipped samples) go to this rank's log files too."""
+    root = logging.getLogger()
+    have = {h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)}
+    for path, fmt, handler_level in files:
+        if path not in have:  # a forked worker inherited the parent's handlers
+            handler = logging.FileHandler(path)  # appends
+            handler.setFormatter(logging.Formatter(fmt))
+            handler.setLevel(handler_level)
+            root.addHandler(handler)
+    root.setLevel(level)
+    if files:
+        logging.captureWarnings(True)
+
+
 def _loader(stages: list, workers: int, seed: str, stall_timeout_s: float, what: str, pin_memory: bool,
             ) -> WatchedLoader:
     pipeline = wds.DataPipeline(*stages)
     generator = torch.Generator().manual_seed(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
+    started = {}
+    if workers:  # without workers there is nothing to start or wait on
+        started = dict(multiprocessing_context=_worker_context(), timeout=stall_timeout_s,
+                       worker_init_fn=functools.partial(_init_worker_logging, _log_files(),
+                                                        logging.getLogger().level))
     # Page-locked batches let the trainer's `.to(device, non_blocking=True)` overlap the copy.
     loader = DataLoader(pipeline, batch_size=None, num_workers=workers, generator=generator,
                         persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin_memory,
-                        timeout=stall_timeout_s if workers else 0)  # without workers there is nothing to wait on
+                        **started)
     return WatchedLoader(loader, what)
 
 

@@ -6,7 +6,12 @@ from typing import Any
 
 from pretrain.config import Config
 from pretrain.parallel.topology import Topology
-from pretrain.train.mixed_precision import uses_fused_mixed_precision
+
+
+def uses_fused_mixed_precision(cfg: Config, topo: Topology) -> bool:
+    """Whether this run's fp32 masters live in `MixedPrecisionAdamW` rather than in DeepSpeed."""
+    return (cfg.precision == "bf16" and cfg.parallel.zero_stage == 0 and topo.pipeline == 1
+            and topo.tensor == 1)
 
 
 def accumulation_steps(cfg: Config, topo: Topology) -> int:

@@ -26,11 +26,10 @@ from pretrain.config import Config
 from pretrain.models.backbones import BACKBONES, load_backbone_weights, resolve_geometry
 from pretrain.models.objectives import Objective, build_objective
 from pretrain.models.speed import CompileSummary
-from pretrain.parallel.deepspeed_config import deepspeed_config
+from pretrain.parallel.deepspeed_config import deepspeed_config, uses_fused_mixed_precision
 from pretrain.parallel.pipeline import build_pipeline
 from pretrain.parallel.prepare import prepare_model
 from pretrain.parallel.topology import Topology
-from pretrain.train.mixed_precision import uses_fused_mixed_precision
 from pretrain.train.optim import WarmupCosine, build_optimizer, build_schedule, freeze, param_groups
 
 

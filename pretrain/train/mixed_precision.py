@@ -33,15 +33,7 @@ from typing import Any
 
 import torch
 
-from pretrain.config import Config
 from pretrain.parallel import comm
-from pretrain.parallel.topology import Topology
-
-
-def uses_fused_mixed_precision(cfg: Config, topo: Topology) -> bool:
-    """Whether this run's fp32 masters live in `MixedPrecisionAdamW` rather than in DeepSpeed."""
-    return (cfg.precision == "bf16" and cfg.parallel.zero_stage == 0 and topo.pipeline == 1
-            and topo.tensor == 1)
 
 
 class MixedPrecisionAdamW(torch.optim.Optimizer):

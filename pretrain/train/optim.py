@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from pretrain.config import DTYPES, Config
 from pretrain.parallel.topology import Topology
-from pretrain.train.mixed_precision import MixedPrecisionAdamW, uses_fused_mixed_precision
+from pretrain.parallel.deepspeed_config import uses_fused_mixed_precision
+from pretrain.train.mixed_precision import MixedPrecisionAdamW
 
 LR_REFERENCE_BATCH = 512
 NO_DECAY_KEYWORDS = ("relative_position_bias_table", "absolute_pos_embed", "logit_scale", "cpb_mlp")

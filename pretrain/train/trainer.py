@@ -18,7 +18,7 @@ from pretrain.config import DTYPES, Config
 from pretrain.data.info import DatasetInfo
 from pretrain.data.shards import Batch, train_loader
 from pretrain.data.transforms import BatchPreprocess
-from pretrain.flops import peak_flops_and_source, train_flops_per_image
+from pretrain.train.flops import peak_flops_and_source, train_flops_per_image
 from pretrain.models.backbones import BACKBONES
 from pretrain.parallel import comm
 from pretrain.parallel.pipeline import NO_DATA, pack

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.flops import (GPU_BF16_PEAK_TFLOPS, device_peak_flops, forward_macs, peak_flops_and_source, peak_for,
+from pretrain.train.flops import (GPU_BF16_PEAK_TFLOPS, device_peak_flops, forward_macs, peak_flops_and_source, peak_for,
                             table_peak_flops, train_flops_per_image)
 
 

@@ -94,7 +94,7 @@ def peak_for(configured_tflops: float, device_name: str | None) -> tuple[float |
     if peak is None:
         return None, f"unknown device {device_name!r}: {NOT_REPORTED}"
     return peak, (f"MFU peak {peak / 1e12:g} TFLOP/s dense bf16 for {device_name!r} "
-                  f"(device table in pretrain/flops.py)")
+                  f"(device table in pretrain/train/flops.py)")
 
 
 def peak_flops_and_source(configured_tflops: float) -> tuple[float | None, str]:

@@ -1,0 +1,93 @@
+"""Data workers must start cleanly however busy the other threads of the trainer are.
+
+A worker forked while another thread holds a lock inherits the lock held, by a thread
+that does not exist in the child: the worker hangs the first time it needs that lock.
+Here a thread logs to the rank's log file without pause (as TensorBoard's writer,
+DeepSpeed's or the loader's own threads keep running during training) while evaluation
+workers, which log the samples they skip, are started again and again.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pretrain.config import Config
+from pretrain.data import shards
+from pretrain.data.info import DatasetInfo
+from pretrain.data.shards import DataStalled, eval_loader
+
+PASSES = 12
+GOOD, BAD = 6, 1  # samples per shard
+
+
+def write_val_shards(root: Path, n: int) -> DatasetInfo:
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(png, format="PNG")
+    samples = [{"png": png.getvalue(), "cls": b"1"}] * GOOD + [{"png": b"not an image", "cls": b"0"}] * BAD
+    for s in range(n):
+        with tarfile.open(root / f"val-{s:06d}.tar", "w") as tar:
+            for i, sample in enumerate(samples):
+                for ext, data in sample.items():
+                    member = tarfile.TarInfo(f"s{s}-{i:04d}.{ext}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    return DatasetInfo.from_dict({"classes": ["a", "b"], "splits": {"val": {"samples": n * (GOOD + BAD), "shards": [
+        {"name": f"val-{s:06d}.tar", "samples": GOOD + BAD} for s in range(n)]}}})
+
+
+@pytest.fixture
+def busy_log(tmp_path):
+    """The root logger writes to a file (as `setup_logging` does) and a thread logs to it nonstop."""
+    path = tmp_path / "rank0.log"
+    handler = logging.FileHandler(path)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    stop = threading.Event()
+
+    chatty = logging.getLogger("pretrain.busy")
+    chatty.propagate = False  # to the log file only (not to pytest's capture)
+    chatty.addHandler(handler)
+
+    def chatter():
+        while not stop.is_set():
+            chatty.info("busy " * 20)
+
+    thread = threading.Thread(target=chatter, daemon=True)
+    thread.start()
+    yield path
+    stop.set()
+    thread.join()
+    chatty.removeHandler(handler)
+    root.removeHandler(handler)
+    root.setLevel(level)
+    handler.close()
+
+
+def test_eval_workers_start_while_another_thread_logs(tmp_path, busy_log):
+    info = write_val_shards(tmp_path, 4)
+    cfg = Config()
+    cfg.data.root = str(tmp_path)
+    cfg.data.workers = 2
+    cfg.data.stall_timeout_s = 5.0  # a hung worker shows up as DataStalled
+    cfg.eval.micro_batch = 10
+    started = time.monotonic()
+    for n in range(PASSES):
+        try:
+            batches = list(eval_loader(cfg, info, 16, 0, 1))
+        except DataStalled as e:
+            pytest.fail(f"pass {n + 1} of {PASSES} with {shards.WORKER_START_METHOD!r} workers: {e}")
+        assert sum(len(b.labels) for b in batches) == 4 * GOOD
+        assert sum(b.skipped for b in batches) == 4 * BAD
+    assert time.monotonic() - started < 60
+    # The workers' warnings about the skipped samples reach the log file.
+    assert busy_log.read_text().count("skipping unreadable shard data") >= PASSES * 4 * BAD
