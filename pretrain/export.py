@@ -22,16 +22,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import timm
-import torch
-from timm.models import save_for_hf
-
 from launch.env import default_accelerator
-from pretrain.config import ConfigError, load_config
-from pretrain.models.backbones import BACKBONES, build_backbone, resolve_geometry
-from pretrain.models.objectives import OBJECTIVES
-from pretrain.train.checkpoint import CheckpointError, checkpoint_dir, latest_tag
-from pretrain.train.consolidate import consolidated_state_dict
+
+default_accelerator()  # before DeepSpeed is first imported (consolidate): it picks its accelerator then
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+from timm.models import save_for_hf  # noqa: E402
+
+from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.models.backbones import BACKBONES, build_backbone, resolve_geometry  # noqa: E402
+from pretrain.models.objectives import OBJECTIVES  # noqa: E402
+from pretrain.train.checkpoint import CheckpointError, checkpoint_dir, latest_tag  # noqa: E402
+from pretrain.train.consolidate import consolidated_state_dict  # noqa: E402
 
 LOGIT_TOLERANCE = 1e-5
 
@@ -45,7 +48,7 @@ def export_run(run_dir: Path, out_dir: Path, headless: bool = False, tag: str | 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise ExportError(f"--run {run_dir}: no config.yaml there (is it a run directory of pretrain/main.py?)")
-    cfg = load_config(cfg_path, check=False)
+    cfg = load_config(cfg_path)  # not checked again: the saved config of a run reads anywhere
     ckpt_dir = checkpoint_dir(run_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None or not (ckpt_dir / tag).is_dir():
@@ -100,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--headless", action="store_true", help="drop the classifier head (backbone features only)")
     ap.add_argument("--tag", default=None, help="checkpoint tag to export (default: latest)")
     args = ap.parse_args(argv)
-    default_accelerator()
     try:
         config = export_run(args.run, args.out, args.headless, args.tag)
     except (ExportError, ConfigError, CheckpointError) as e:

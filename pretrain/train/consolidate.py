@@ -4,6 +4,9 @@ The reading side of `checkpoint.py` (kept in its own module for size): ZeRO part
 fp32 master weights of bf16/fp16 runs without ZeRO, pipeline-layer files and
 tensor-parallel shards all come back as the module's own key layout, full tensors, fp32.
 DeepSpeed's file names inside a tag are known here and nowhere else.
+
+Importing this module imports DeepSpeed, which picks its accelerator then: entry points
+call `launch.env.default_accelerator()` before importing it.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from pretrain.config import Config
 from pretrain.models.objectives import OBJECTIVES
+from pretrain.parallel.pipeline import full_names, pipeline_layers
 from pretrain.parallel.tensor import merge, split_rule
 from pretrain.train.checkpoint import LAYOUT, CheckpointError, RunState
 
@@ -53,10 +58,6 @@ def consolidated_state_dict(cfg: Config, ckpt_dir: Path, tag: str) -> dict[str, 
     if layout.get("pipeline_stages", 1) * layout.get("tensor_parallel", 1) > 1:
         return _model_parallel_state_dict(cfg, tag_dir, layout["pipeline_stages"], layout["tensor_parallel"])
     if cfg.parallel.zero_stage > 0:
-        # Imported here: DeepSpeed is heavy and picks its accelerator when first imported, which
-        # the entry points decide first (launch.env.default_accelerator).
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     states = _load_model_states(tag_dir / model_states_file())
     module = {k: v.float() for k, v in states["module"].items()}
@@ -86,9 +87,6 @@ def _model_parallel_state_dict(cfg: Config, tag_dir: Path, stages: int, tensor: 
         for rank in range(tensor):
             shards[rank] = _load_model_states(tag_dir / model_states_file(rank))["module"]
     else:
-        # Imported here: parallel.pipeline imports DeepSpeed (see consolidated_state_dict).
-        from pretrain.parallel.pipeline import full_names, pipeline_layers
-
         with torch.device("meta"):  # only the names: which layer file holds which tensor
             model = OBJECTIVES[cfg.objective.kind](cfg, saved_run_state(tag_dir).num_classes).build_model()
         for index, names in enumerate(full_names(model, pipeline_layers(model))):
