@@ -11,7 +11,7 @@ its own timeout, later ones skipped (and reported so) once the budget cannot hol
   train_zero0   as train_zero2 with ZeRO-0, losses compared with it
   mp_*          (2+ GPUs) fp32 runs on 2 ranks over NCCL: data-parallel ZeRO-1 and ZeRO-2,
                 tensor_parallel=2, pipeline_stages=2, losses compared with their plain run
-  plan          `python -m pretrain.plan --config configs/swin_b_22k.yaml --measure`: planned vs measured
+  plan          `python -m pretrain.bench plan --config configs/swin_b_22k.yaml`: planned vs measured
   bench_*       `python -m pretrain.bench step` for swin_b and swin_l at 224 px: a micro-batch
                 sweep (32, 64, 128, stopping at OOM) without compile, then the best one compiled
 
@@ -277,8 +277,8 @@ class Runner:
 
     def plan(self, timeout: float) -> dict:
         memory_gb = self.environment["gpus"][0]["memory_gib"] * GIB / 1e9
-        cmd = [self.python, "-m", "pretrain.plan", "--config", "configs/swin_b_22k.yaml", "--gpus", "1",
-               "--gpu-mem-gb", f"{memory_gb:.1f}", "--measure"]
+        cmd = [self.python, "-m", "pretrain.bench", "plan", "--config", "configs/swin_b_22k.yaml",
+               "--gpu-mem-gb", f"{memory_gb:.1f}"]
         proc = self.execute(cmd, timeout, ok=(0, 1))  # 1: the layout does not fit (and was still measured)
         planned, measured = number_before(proc.output, "planned ", " GB"), number_before(proc.output, "measured ", " GB")
         reserved = number_before(proc.output, ", ", " GB reserved")

@@ -14,12 +14,19 @@ import json
 import sys
 from pathlib import Path
 
+import timm
 import torch
+import webdataset as wds
+from timm.data import create_transform, resolve_data_config
+
+from pretrain.config import ConfigError
+from pretrain.data.info import DatasetInfo
+from pretrain.data.shards import wanted_member
+from pretrain.data.transforms import decode_sample
+from pretrain.models.objectives import topk_hits
 
 
 def _batches(samples, transform, batch_size: int):
-    from pretrain.data.transforms import decode_sample
-
     images, labels = [], []
     for sample in samples:
         image, label = decode_sample(sample)
@@ -33,25 +40,17 @@ def _batches(samples, transform, batch_size: int):
 
 
 def evaluate_export(model_dir: Path, data_dir: Path, split: str = "val", batch_size: int = 100) -> dict[str, float]:
-    import timm
-    from timm.data import create_transform, resolve_data_config
-
-    import webdataset as wds
-
-    from pretrain.data.shards import wanted_member
-    from pretrain.models.objectives import topk_hits
-
-    info = json.loads((data_dir / "dataset.json").read_text())
+    info = DatasetInfo.read(data_dir, source="--data")
     config = json.loads((model_dir / "config.json").read_text())
     trained_on = config.get("pretrain", {}).get("label_map_version")
-    if trained_on and trained_on != info.get("label_map_version"):
+    if trained_on and trained_on != info.label_map_version:
         raise SystemExit(f"error: {model_dir} was trained with label map {trained_on}, "
-                         f"{data_dir} has {info.get('label_map_version')}")
+                         f"{data_dir} has {info.label_map_version}")
     model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=True).eval()
     transform = create_transform(**resolve_data_config(model=model), is_training=False)
 
     n = top1 = top5 = 0
-    urls = [str(data_dir / shard["name"]) for shard in info["splits"][split]["shards"]]
+    urls = info.shard_paths(split, data_dir)
     samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(select_files=wanted_member))
     for batch in _batches(samples, transform, batch_size):
         images, labels = batch
@@ -69,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="shard directory with dataset.json")
     ap.add_argument("--split", default="val", choices=["train", "val"])
     args = ap.parse_args(argv)
-    r = evaluate_export(args.model, args.data, args.split)
+    try:
+        r = evaluate_export(args.model, args.data, args.split)
+    except ConfigError as e:
+        print(f"evaluate error: {e}", file=sys.stderr)
+        return 2
     print(f"held-out top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  on {r['samples']} {args.split} images "
           f"(stock timm, {args.model})")
     return 0

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from pretrain.config import ConfigError, dump_config, load_config  # noqa: E402
-from pretrain.data.shards import DataStalled  # noqa: E402
+from pretrain.data.shards import DataStalled, start_worker_server  # noqa: E402
 from pretrain.parallel.topology import discover, init_distributed  # noqa: E402
 from pretrain.preflight import check_run  # noqa: E402
 from pretrain.train import checkpoint  # noqa: E402
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"config error: {e}", file=sys.stderr)
         return 2
+    if cfg.data.workers:
+        start_worker_server()  # its imports overlap the model's construction
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     # DeepSpeed's ZeRO still calls this collective under its deprecated name; not actionable for users.

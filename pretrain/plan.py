@@ -45,15 +45,16 @@ from pathlib import Path
 import torch
 
 from launch.env import default_accelerator
-from pretrain.bench.memory import peak_allocated
-from pretrain.bench.step import training_step
-from pretrain.config import DTYPES, Config, ConfigError, load_config
-from pretrain.data.info import DATASET_JSON, DatasetInfo
-from pretrain.models.backbones import BACKBONES
-from pretrain.models.objectives import build_objective
-from pretrain.parallel.pipeline import example_inputs, layer_flops, pipeline_layers, stage_bounds
-from pretrain.parallel.prepare import prepare_model
-from pretrain.preflight import check_run
+
+default_accelerator()  # before DeepSpeed is first imported (below): its partitioning helpers run on CPU too
+
+from pretrain.config import DTYPES, Config, ConfigError, load_config  # noqa: E402
+from pretrain.data.info import DATASET_JSON, DatasetInfo  # noqa: E402
+from pretrain.models.backbones import BACKBONES  # noqa: E402
+from pretrain.models.objectives import build_objective  # noqa: E402
+from pretrain.parallel.pipeline import example_inputs, layer_flops, pipeline_layers, stage_bounds  # noqa: E402
+from pretrain.parallel.prepare import prepare_model  # noqa: E402
+from pretrain.preflight import check_run  # noqa: E402
 
 GB = 1e9
 RESERVE = 0.10
@@ -313,37 +314,13 @@ def report(cfg: Config, gpus: int, gpu_mem_gb: float) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
-def measure_step(cfg: Config, num_classes: int) -> tuple[float, float | None]:
-    """Peak bytes of one training step of the real engine in this process (one rank), and on
-    CUDA the peak the caching allocator reserved (what the GPU must really hold), else None.
-
-    Everything the run allocates (engine, weights, optimizer) up to the end of a first step,
-    plus the most a second step adds on top: the figure `estimate(cfg, classes, 1).total`
-    predicts. GPU: CUDA's allocator; CPU: the profiler's allocation records.
-    """
-    cfg.batch.global_batch = cfg.batch.micro_batch
-    if torch.cuda.is_available():
-        step = training_step(cfg, num_classes)
-        step()
-        allocated = torch.cuda.memory_allocated() + peak_allocated(step, "cuda")
-        return allocated, float(torch.cuda.max_memory_reserved())
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step = training_step(cfg, num_classes)
-        step()
-    held = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    return held + peak_allocated(step, "cpu"), None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--gpus", type=int, required=True, help="total number of GPUs (all ranks of the run)")
     ap.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GB")
-    ap.add_argument("--measure", action="store_true",
-                    help="also run one training step of the config here (one rank) and compare with the plan")
     args = ap.parse_args(argv)
-    default_accelerator()  # DeepSpeed's partitioning helpers are used on CPU too
     try:
         cfg = load_config(args.config, args.overrides)
         check_run(cfg, args.gpus, check_data=False)
@@ -352,15 +329,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text, ok = report(cfg, args.gpus, args.gpu_mem_gb)
     print(text)
-    if args.measure:
-        classes = num_classes_of(cfg)
-        planned = estimate(cfg, classes, 1).total
-        measured, reserved = measure_step(cfg, classes)
-        # On CUDA the allocator's reserve is what must fit on the GPU: compare the plan with it.
-        compared, what = (reserved, "reserved") if reserved else (measured, "measured")
-        print(f"one rank here: planned {planned / GB:.3f} GB, measured {measured / GB:.3f} GB allocated"
-              + (f", {reserved / GB:.3f} GB reserved" if reserved else "")
-              + f" (plan / {what} {planned / compared:.2f})")
     return 0 if ok else 1
 
 

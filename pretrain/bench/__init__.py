@@ -5,6 +5,7 @@
     python -m pretrain.bench step --arch swin_b --micro-batch 8 [--steps 12] [--compile] [--sdpa] [--json]
     python -m pretrain.bench scaling --arch swin_b --sizes 224 384 512 [--micro-batch 4]
     python -m pretrain.bench memory --arch swin_b --micro-batch 8 [--img-size 224]
+    python -m pretrain.bench plan --config configs/swin_b_22k.yaml --gpu-mem-gb 80 [--set section.key=value]
 
 `step`: the full training step (forward, backward, optimizer) of our engine path (the
 DeepSpeed engine this pipeline builds: bf16 weights, fp32 master weights, fused AdamW)
@@ -22,6 +23,10 @@ against the datasheet peak and each side's own peak allocated and reserved memor
 
 `memory`: peak activation memory and step time of forward + backward without activation
 checkpointing, with every 2nd block and with every block recomputed (pretrain/bench/memory.py).
+
+`plan`: the memory planner's per-rank figure for one GPU (`pretrain/plan.py`) against one
+real training step of the config's engine in this process: allocated memory, and on CUDA
+what the caching allocator reserved, which is what must fit.
 
 `data`: decode + augment throughput of one data worker (one process, one thread), our
 shard loader against torchvision's `ImageFolder` with timm's `create_transform`, both with

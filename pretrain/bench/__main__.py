@@ -1,4 +1,4 @@
-"""python -m pretrain.bench {data,step,scaling,memory} ... (see pretrain/bench/__init__.py)."""
+"""python -m pretrain.bench {data,step,scaling,memory,plan} ... (see pretrain/bench/__init__.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from launch.env import default_accelerator
 
-from pretrain.bench.data import bench_data, make_photos
-from pretrain.bench.memory import bench_memory
-from pretrain.bench.step import bench_scaling, bench_step
+default_accelerator()  # before DeepSpeed is first imported (below): it picks its accelerator then
+
+import torch  # noqa: E402
+
+from pretrain.bench.data import bench_data, make_photos  # noqa: E402
+from pretrain.bench.memory import bench_memory, measure_step  # noqa: E402
+from pretrain.bench.step import bench_scaling, bench_step  # noqa: E402
+from pretrain.config import ConfigError, load_config  # noqa: E402
+from pretrain.plan import GB, estimate, num_classes_of, report  # noqa: E402
+from pretrain.preflight import check_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     me.add_argument("--steps", type=int, default=3)
     me.add_argument("--threads", type=int, default=torch.get_num_threads())
     me.add_argument("--json", action="store_true")
+    pl = sub.add_parser("plan", help="the memory planner's figure for one rank against a real training step here")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    pl.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GB (for the plan)")
     args = ap.parse_args(argv)
+    if args.what == "plan":
+        return plan_against_step(args.config, args.overrides, args.gpu_mem_gb)
     if args.what == "memory":
         r = bench_memory(args.arch, args.micro_batch, args.img_size, args.steps, args.threads)
         if args.json:
@@ -101,6 +114,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ImageFolder + timm create_transform:        {r['baseline_images_per_s']} images/s")
         print(f"  ratio (median): {r['ratio_median']:.2f}x")
     return 0
+
+
+def plan_against_step(config: str, overrides: list[str], gpu_mem_gb: float) -> int:
+    """Print the plan of `config` on one GPU, then one measured training step of it in this process.
+
+    Exit code as the planner's: 0 the plan fits, 1 it does not (measured all the same), 2 a config error.
+    """
+    try:
+        cfg = load_config(config, overrides)
+        check_run(cfg, 1, check_data=False)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    text, ok = report(cfg, 1, gpu_mem_gb)
+    print(text)
+    classes = num_classes_of(cfg)
+    planned = estimate(cfg, classes, 1).total
+    measured, reserved = measure_step(cfg, classes)
+    # On CUDA the allocator's reserve is what must fit on the GPU: compare the plan with it.
+    compared, what = (reserved, "reserved") if reserved else (measured, "measured")
+    print(f"one rank here: planned {planned / GB:.3f} GB, measured {measured / GB:.3f} GB allocated"
+          + (f", {reserved / GB:.3f} GB reserved" if reserved else "")
+          + f" (plan / {what} {planned / compared:.2f})")
+    return 0 if ok else 1
 
 
 def _mmm(values: list[float], scale: float = 1.0, digits: int = 3) -> str:

@@ -7,16 +7,23 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from timm.data import create_transform
+from torchvision.datasets import ImageFolder
 
 from pretrain.bench.timing import rate
+from pretrain.config import Config
+from pretrain.data.info import DatasetInfo
+from pretrain.data.shards import train_loader
+from pretrain.data.transforms import BatchPreprocess
+from pretrain.data.write_shards import write_shards
 
 
 def make_photos(out: Path, width: int, height: int, count: int, seed: int = 0) -> Path:
     """JPEGs cut from scikit-learn's bundled photographs, resized to width x height, in 2 class folders."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # scikit-learn comes with the test extra only
 
     photos = load_sample_images().images
     rng = np.random.default_rng(seed)
@@ -34,9 +41,6 @@ def make_photos(out: Path, width: int, height: int, count: int, seed: int = 0) -
 
 
 def _baseline_rate(images: Path, img_size: int, samples: int, batch: int) -> float:
-    from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
-
     transform = create_transform(img_size, is_training=True, scale=(0.08, 1.0), hflip=0.5,
                                  auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, re_prob=0.25,
                                  interpolation="bicubic")
@@ -47,11 +51,6 @@ def _baseline_rate(images: Path, img_size: int, samples: int, batch: int) -> flo
 
 
 def _our_rate(shards: Path, img_size: int, samples: int, batch: int) -> float:
-    from pretrain.config import Config
-    from pretrain.data.info import DatasetInfo
-    from pretrain.data.shards import train_loader
-    from pretrain.data.transforms import BatchPreprocess
-
     cfg = Config()
     cfg.data.root, cfg.data.workers, cfg.data.shuffle_buffer = str(shards), 0, 200
     cfg.batch.micro_batch = batch
@@ -62,8 +61,6 @@ def _our_rate(shards: Path, img_size: int, samples: int, batch: int) -> float:
 
 
 def bench_data(images: Path, img_size: int, samples: int, repeats: int, batch: int = 32) -> dict:
-    from pretrain.data.write_shards import write_shards
-
     batch = max(1, min(batch, samples))
     torch.set_num_threads(1)  # one data worker = one core
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,11 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from pretrain.bench.step import training_step
 from pretrain.bench.timing import timed_steps
+from pretrain.config import Config
+from pretrain.models.backbones import build_backbone
+from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
 
 MODES = (("none", 1), ("every_k", 2), ("blocks", 1))
 
@@ -43,9 +47,6 @@ def peak_allocated(step, device: str) -> int:
 
 def measure(arch: str, micro: int, img: int, mode: str, every_k: int, steps: int, threads: int) -> dict:
     """One mode in this process: activation bytes at peak and the median step time."""
-    from pretrain.models.backbones import build_backbone
-    from pretrain.parallel.activation_ckpt import apply_activation_checkpointing
-
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -76,3 +77,24 @@ def bench_memory(arch: str, micro: int, img: int, steps: int, threads: int) -> d
         row["memory_ratio"] = base["activation_mib"] / row["activation_mib"]
         row["time_ratio"] = row["step_s"] / base["step_s"]
     return {"arch": arch, "micro_batch": micro, "img_size": img, "rows": rows}
+
+
+def measure_step(cfg: Config, num_classes: int) -> tuple[float, float | None]:
+    """Peak bytes of one training step of the real engine in this process (one rank), and on
+    CUDA the peak the caching allocator reserved (what the GPU must really hold), else None.
+
+    Everything the run allocates (engine, weights, optimizer) up to the end of a first step,
+    plus the most a second step adds on top: the figure `estimate(cfg, classes, 1).total`
+    predicts. GPU: CUDA's allocator; CPU: the profiler's allocation records.
+    """
+    cfg.batch.global_batch = cfg.batch.micro_batch
+    if torch.cuda.is_available():
+        step = training_step(cfg, num_classes)
+        step()
+        allocated = torch.cuda.memory_allocated() + peak_allocated(step, "cuda")
+        return allocated, float(torch.cuda.max_memory_reserved())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step = training_step(cfg, num_classes)
+        step()
+    held = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return held + peak_allocated(step, "cpu"), None

@@ -15,9 +15,19 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from pretrain.bench.timing import timed, timed_steps
+from pretrain.config import DTYPES, Config
+from pretrain.data.shards import Batch
+from pretrain.models.backbones import BACKBONES, model_args, resolve_geometry
+from pretrain.parallel import comm
+from pretrain.parallel.topology import discover, init_distributed
+from pretrain.train.engine import build_training
+from pretrain.train.flops import peak_flops_and_source, train_flops_per_image
 
 Step = Callable[[], None]
 SIDES = ("reference", "ours")
@@ -75,11 +85,6 @@ class MatmulPeak:
 
 def _reference_step(arch: str, micro: int, img: int, window: int, device: str) -> Step:
     """Stock timm + torch AdamW defaults + bf16 autocast."""
-    import timm
-    import torch.nn.functional as F
-
-    from pretrain.models.backbones import BACKBONES, model_args
-
     spec = BACKBONES[arch]
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=1000,
                               **model_args(spec, img, window)).to(device).train()
@@ -103,14 +108,6 @@ def training_step(cfg, num_classes: int) -> Step:
     Starts the process group if need be (one process: launch/env.py fills in the variables).
     Returns the step as a closure; supervised and SimMIM alike.
     """
-    import torch.distributed as dist
-
-    from pretrain.config import DTYPES
-    from pretrain.data.shards import Batch
-    from pretrain.parallel import comm
-    from pretrain.parallel.topology import discover, init_distributed
-    from pretrain.train.engine import build_training
-
     topo = discover()
     if not dist.is_initialized():
         init_distributed(topo)
@@ -137,8 +134,6 @@ def training_step(cfg, num_classes: int) -> Step:
 def _engine_step(arch: str, micro: int, img: int, window: int, sdpa: bool, compile_blocks: bool,
                  zero_stage: int) -> Step:
     """This pipeline's engine: DeepSpeed at `zero_stage`, bf16 weights, fp32 masters, fused AdamW."""
-    from pretrain.config import Config
-
     cfg = Config()
     cfg.model.arch, cfg.model.img_size, cfg.model.window_size, cfg.model.drop_path = arch, img, window, 0.0
     cfg.batch.micro_batch = cfg.batch.global_batch = micro
@@ -206,14 +201,9 @@ def interleave(sides: dict[str, Side], peak: MatmulPeak, warmup: int, steps: int
 def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps: int, sdpa: bool,
                compile_blocks: bool, zero_stage: int = 0, peak_sizes: tuple[int, ...] | None = None) -> dict:
     """Interleaved steps of the reference and our engine; `warmup` >= 1 untimed steps each first."""
-    from launch.env import default_accelerator
-    from pretrain.train.flops import peak_flops_and_source, train_flops_per_image
-    from pretrain.models.backbones import BACKBONES, resolve_geometry
-
     if warmup < 1 or steps < 1:
         raise ValueError(f"bench step needs --warmup >= 1 and --steps >= 1 (got {warmup} and {steps})")
     device = device_of()
-    default_accelerator()
     img, window = resolve_geometry(BACKBONES[arch], img, window)
     flops = train_flops_per_image(arch, img, window, 1000)
     datasheet, source = peak_flops_and_source(0.0)
@@ -241,8 +231,6 @@ def bench_step(arch: str, micro: int, img: int, window: int, warmup: int, steps:
 def bench_scaling(arch: str, sizes: list[int], micro: int, warmup: int, steps: int) -> list[dict]:
     """Our step time per image at each size, against pixels and analytic FLOPs; windows chosen
     to tile each resolution (attention cost per token grows with the window's area)."""
-    from pretrain.train.flops import train_flops_per_image
-
     device = device_of()
     rows = []
     for img in sizes:

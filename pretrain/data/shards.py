@@ -30,7 +30,9 @@ import functools
 import hashlib
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import random
+import sys
 from itertools import count
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -242,21 +244,30 @@ class WatchedLoader:
                           "(a stalled source or a stuck worker; data.stall_timeout_s)")
 
 
-# How DataLoader workers start. Not "fork": the trainer forks workers while other threads
-# run (TensorBoard's writer, the loader's queue feeders, pinning, library threads), and a
-# lock one of them holds at that instant (a file's buffer lock under a log handler, say)
-# stays held forever in the child, which then hangs at its first use of it. A forkserver
-# is one clean single-threaded process, started once per rank with the data modules
-# already imported, that forks each worker.
+# How DataLoader workers start. Not "fork": the trainer starts workers while other threads
+# run (TensorBoard's writer, the loaders' queue feeders and pinning, library threads), and a
+# lock one of them holds at that instant (the buffer lock of a log file, say) stays held
+# forever in the forked child, which hangs the first time it needs it. A forkserver is one
+# clean single-threaded process per rank that forks each worker; it imports the data
+# modules once, and the package modules this process has loaded, so that a worker, which
+# re-runs the entry script as multiprocessing does, finds its imports already done.
 WORKER_START_METHOD = "forkserver"
-_PRELOAD = ["torch", "torch.utils.data", "pretrain.data.shards"]
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context(WORKER_START_METHOD)
-    if WORKER_START_METHOD == "forkserver":
-        context.set_forkserver_preload(_PRELOAD)  # has no effect once this process's server runs
+    if WORKER_START_METHOD == "forkserver":  # (the list has no effect once this process's server runs)
+        ours = __name__.split(".")[0] + "."
+        context.set_forkserver_preload(["torch", "torch.utils.data", __name__,
+                                        *sorted(m for m in sys.modules if m.startswith(ours))])
     return context
+
+
+def start_worker_server() -> None:
+    """Start the workers' forkserver now, so that its imports overlap this process's own start-up."""
+    if WORKER_START_METHOD == "forkserver":
+        _worker_context()
+        multiprocessing.forkserver.ensure_running()
 
 
 def _log_files() -> list[tuple[str, str | None, int]]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
-from tests.helpers import plan
+from tests.helpers import run
 
 
 @pytest.mark.parametrize("config,sets", [
@@ -17,7 +18,7 @@ from tests.helpers import plan
 def test_plan_matches_a_real_training_step(config, sets):
     """The whole per-rank figure against the DeepSpeed engine's own step on this machine."""
     common = ["model.arch=swin_t", "model.drop_path=0", "batch.micro_batch=2", "batch.global_batch=2", *sets]
-    out = plan("--config", config, "--gpus", "1", "--gpu-mem-gb", "80", "--measure",
-               *[a for s in common for a in ("--set", s)]).stdout
+    out = run([sys.executable, "-m", "pretrain.bench", "plan", "--config", config, "--gpu-mem-gb", "80",
+               *[a for s in common for a in ("--set", s)]]).stdout
     ratio = float(re.search(r"plan / measured ([0-9.]+)", out).group(1))
     assert 0.75 <= ratio <= 1.25, out
