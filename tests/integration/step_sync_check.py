@@ -60,7 +60,8 @@ for step_name in ("_train_step", "_pipeline_step"):
 
     setattr(Trainer, step_name, step)
 
-status = entry.main(sys.argv[1:])
-for number in sorted(record):
-    print(json.dumps({"step": number, **record[number]}))
-sys.exit(status)
+if __name__ == "__main__":  # data workers start through a forkserver, which imports this file again
+    status = entry.main(sys.argv[1:])
+    for number in sorted(record):
+        print(json.dumps({"step": number, **record[number]}))
+    sys.exit(status)
