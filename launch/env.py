@@ -79,7 +79,8 @@ def free_port() -> int:
 def default_accelerator(environ: MutableMapping[str, str] = os.environ) -> None:
     """Point DeepSpeed at the CPU (DS_ACCELERATOR=cpu) on a machine without CUDA, unless
     DS_ACCELERATOR is set already; with CUDA, DeepSpeed picks its accelerator itself.
-    Each entry point (train, export, plan, bench step) calls it at start."""
+    Entry points (train, export, plan, bench) call it before DeepSpeed is first imported."""
+    # Imported here: the GPU check imports this module before it knows torch imports on its machine.
     import torch
 
     if not torch.cuda.is_available():

@@ -33,7 +33,9 @@ import re
 import shutil
 import sys
 import time
+import tomllib
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -326,9 +328,7 @@ class Runner:
 
 def probe() -> dict:
     """This interpreter's view of the machine (run in a child, so the checker holds no CUDA context)."""
-    from importlib import metadata
-
-    import torch
+    import torch  # here: whether torch imports at all is what the check reports first (`preflight`)
 
     def version(name: str) -> str | None:
         try:
@@ -339,7 +339,7 @@ def probe() -> dict:
     nccl = torch.cuda.nccl.version() if torch.cuda.is_available() else None
     gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed  # noqa: F401  (whether it imports is the finding)
 
         deepspeed_import = "ok"
     except Exception as e:  # noqa: BLE001  (reported, not raised)
@@ -355,9 +355,6 @@ def probe() -> dict:
 
 def pins(kind: str) -> list[str]:
     """Requirements for `make gpu-wheels`: "pure" ones (pip wheel) or "compiled" ones (pip download)."""
-    import tomllib
-    from importlib import metadata
-
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     pinned = {d.split("==")[0].strip().lower(): d.split(";")[0].strip() for d in deps if "==" in d}
     wanted = [pinned[name] for name in PROJECT_WHEELS]
@@ -368,7 +365,7 @@ def pins(kind: str) -> list[str]:
 
 def preflight() -> int:
     try:
-        import torch
+        import torch  # noqa: F401  (whether it imports is the finding)
     except Exception as e:  # noqa: BLE001  (one line, no traceback)
         print(f"gpu-check: {sys.executable} cannot import torch ({type(e).__name__}: {e})", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ def out_of_memory_message(cfg: Any, topo: Any, args: argparse.Namespace, step: i
             f"`{plan}` suggests a layout that fits")
 
 
-def leave_alone(metrics: Any, message: str, code: int) -> NoReturn:
+def exit_this_rank(metrics: Any, message: str, code: int) -> NoReturn:
     """Exit at once after a failure of this rank, which whichever rank has it reports."""
     metrics.print(message, error=True, this_rank=True)
     metrics.close()
@@ -148,12 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         status = EXIT_DIVERGED
     except checkpoint.SaveFailed as e:
         if not e.agreed:  # the ranks fell out of step inside DeepSpeed's save
-            leave_alone(metrics, str(e), EXIT_SAVE_FAILED)
+            exit_this_rank(metrics, str(e), EXIT_SAVE_FAILED)
         metrics.print(str(e), error=True)  # every rank has it: a clean stop
         status = EXIT_SAVE_FAILED
     except (DataStalled, torch.OutOfMemoryError) as e:
         stalled = isinstance(e, DataStalled)
-        leave_alone(metrics, str(e) if stalled else out_of_memory_message(cfg, topo, args, trainer.state.step),
+        exit_this_rank(metrics, str(e) if stalled else out_of_memory_message(cfg, topo, args, trainer.state.step),
                     EXIT_DATA_STALLED if stalled else EXIT_OUT_OF_MEMORY)
     metrics.close()
     dist.barrier()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
+import torch
+
 
 def sync(device: str) -> None:
     """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""
     if device == "cuda":
-        import torch
-
         torch.cuda.synchronize()
 
 

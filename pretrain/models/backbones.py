@@ -13,6 +13,8 @@ from typing import Any
 
 import timm
 import torch.nn as nn
+from safetensors.torch import load_file
+from timm.layers import resize_rel_pos_bias_table
 
 from pretrain.config import ConfigError
 
@@ -112,9 +114,6 @@ def load_backbone_weights(model: nn.Module, export_dir: str) -> int:
     Only the classifier head may be absent or differ in shape (it keeps its fresh init);
     relative position bias tables are resized when the window size changed.
     """
-    from safetensors.torch import load_file
-    from timm.layers import resize_rel_pos_bias_table
-
     weights = load_file(f"{export_dir}/model.safetensors")
     own = model.state_dict()
     head = {k for k in own if k.startswith("head.")}

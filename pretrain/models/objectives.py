@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from torchvision.utils import make_grid
 
 from pretrain.config import Config
 from pretrain.data.shards import Batch
@@ -178,8 +179,6 @@ class SimMIMObjective:
 
     def visualize(self, reconstruction: torch.Tensor, images: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Rows of [input | masked input | reconstruction], de-normalized to [0, 1], as one (3, H, W) image."""
-        from torchvision.utils import make_grid
-
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
         p = self.patch_size

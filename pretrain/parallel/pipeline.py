@@ -34,7 +34,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe import module as pipe_module
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
+from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.data.shards import Batch
 from pretrain.models.objectives import Objective
@@ -114,8 +116,6 @@ def example_inputs(model: nn.Module, micro: int, dtype: torch.dtype, device: Any
 
 def layer_flops(model: nn.Module) -> list[int]:
     """Forward FLOPs of each pipeline layer of `model` (built on the meta device) for one image."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = example_inputs(model, 1, next(model.parameters()).dtype, device="meta")
     costs = []
     for layer in pipeline_layers(model):
@@ -208,8 +208,6 @@ def _existing_groups(grid: Any) -> Iterator[None]:
     PipelineModule.__init__ has no parameter for either; it builds both from the names it
     imported, so those names are pointed at the existing groups for the constructor's run.
     """
-    from deepspeed.runtime.pipe import module as pipe_module
-
     saved = pipe_module.PipelineParallelGrid, pipe_module.dist
     pipe_module.PipelineParallelGrid = lambda topology=None, process_group=None: grid
     pipe_module.dist = _ReuseWorldGroup(saved[1])

@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
 
 from pretrain.models.blocks import SWIN_BLOCKS, V2_BLOCK
 
@@ -72,8 +74,6 @@ def _parallel_linear(linear: nn.Linear, kind: str, rank: int, size: int, rule: i
                      shapes_only: bool = False) -> nn.Module:
     """fairscale's column- or row-parallel copy of `linear`, holding this rank's shard of its weights
     (`shapes_only`: a plain layer of the shard's shape, which communicates nothing)."""
-    from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
     if shapes_only:
         out_features, in_features = shard(linear.weight, rule, rank, size).shape
         layer = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=linear.weight.device)
@@ -108,8 +108,6 @@ def _swinv2_attention(attn: nn.Module, x: torch.Tensor, mask: Optional[torch.Ten
                       communicate: bool = True) -> torch.Tensor:
     """SwinV2 window attention over this rank's heads (timm's computation; its own forward
     assumes all heads are local and bypasses the qkv layer's module)."""
-    from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
-
     b, n, _ = x.shape
     if communicate:
         x = copy_to_model_parallel_region(x)  # identity forward; all-reduces the input's gradient

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid
+from fairscale.nn.model_parallel import initialize as fairscale_groups
+from torch.distributed import distributed_c10d
 
 from launch.env import local_world_size, pick_cuda_device, rank_environment
 from pretrain.config import ParallelConfig
@@ -79,8 +84,6 @@ class Topology:
 
     def deepspeed_topology(self) -> Any:
         """This layout as DeepSpeed's process topology (axes pipe, data, model)."""
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
         return PipeModelDataParallelTopology(num_pp=self.pipeline, num_mp=self.tensor, num_dp=self.dp_size)
 
 
@@ -104,8 +107,6 @@ def on_gpu() -> bool:
 def init_distributed(topo: Topology, timeout_minutes: float = ParallelConfig.timeout_minutes) -> None:
     """Start the default process group (NCCL on GPUs, gloo on CPU) with a collective timeout
     of `timeout_minutes`, and, for model parallelism, every other group of the run."""
-    import deepspeed
-
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if on_gpu():
         topo.device = torch.device("cuda", _select_gpu(topo))
@@ -136,8 +137,6 @@ def _default_group_timeout(timeout: datetime.timedelta) -> None:
     minutes for NCCL), not the default group's; DeepSpeed's grid and engine call it that
     way, so the defaults themselves are set.
     """
-    from torch.distributed import distributed_c10d
-
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
 
@@ -145,9 +144,6 @@ def _default_group_timeout(timeout: datetime.timedelta) -> None:
 def _build_groups(topo: Topology) -> None:
     """DeepSpeed's grid for this layout (every rank creates every group, in the same order),
     and fairscale's tensor-parallel layers pointed at the grid's groups."""
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
-    from fairscale.nn.model_parallel import initialize as fairscale_groups
-
     grid = PipelineParallelGrid(topology=topo.deepspeed_topology())
     assert (grid.get_stage_id(), grid.get_data_parallel_rank(), grid.get_slice_parallel_rank()) == \
         (topo.stage, topo.dp_rank, topo.tp_rank), "rank order differs from DeepSpeed's grid"
@@ -167,8 +163,6 @@ def release_shm_segment(topo: Topology) -> None:
     name, so unlinking it here keeps the fast path working and leaves nothing behind, even
     after a kill -9.
     """
-    import torch.distributed as dist
-
     dist.barrier()
     name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
                      os.environ.get("MASTER_PORT", ""), str(topo.rank)])

@@ -50,6 +50,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint import ds_to_universal
 
 from pretrain.config import ConfigError
 from pretrain.parallel import comm
@@ -373,9 +374,6 @@ def prepare(point: ResumePoint) -> None:
     """Convert `point` to universal form once (rank 0) if it needs it; every rank calls this."""
     target = point.load_dir / point.tag
     if point.universal and dist.get_rank() == 0 and not (target / MANIFEST).is_file():
-        # Imported here: DeepSpeed is heavy and its checkpoint tools are needed only for a conversion.
-        from deepspeed.checkpoint import ds_to_universal
-
         tmp = point.load_dir / f".{point.tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

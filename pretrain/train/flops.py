@@ -9,6 +9,8 @@ Swin-B at 224 px is 15.4 G multiply-adds, as published.
 
 from __future__ import annotations
 
+import torch
+
 from pretrain.models.backbones import BACKBONES, resolve_geometry
 
 # Dense (not sparse) bf16 tensor-core peak, TFLOP/s, by the exact name torch.cuda.get_device_name()
@@ -99,8 +101,6 @@ def peak_for(configured_tflops: float, device_name: str | None) -> tuple[float |
 
 def peak_flops_and_source(configured_tflops: float) -> tuple[float | None, str]:
     """`peak_for` this process's CUDA device (the current one), if any."""
-    import torch
-
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return peak_for(configured_tflops, name)
 

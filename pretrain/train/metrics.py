@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import save_image
+
 
 def setup_logging(run_dir: Path, rank: int) -> None:
     """This process's log file, `RUN_DIR/logs/rank<N>.log`: every INFO record and every warning."""
@@ -33,8 +36,6 @@ class Metrics:
         self.jsonl = None
         self.log_file = logging.getLogger("pretrain")  # to the log files `setup_logging` opened
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             self.jsonl = (run_dir / "metrics.jsonl").open("a")
 
@@ -52,8 +53,6 @@ class Metrics:
         """A (3, H, W) picture in [0, 1]: to TensorBoard, and as RUN_DIR/images/<name>-<step>.png."""
         if not self.enabled:
             return
-        from torchvision.utils import save_image
-
         self.writer.add_image(name, picture, step)
         self.writer.flush()
         folder = self.run_dir / "images"

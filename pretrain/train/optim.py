@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from pretrain.config import DTYPES, Config
 from pretrain.parallel.topology import Topology
@@ -119,7 +120,5 @@ def build_optimizer(cfg: Config, groups: list[dict], peak_lr: float, topo: Topol
                                    accumulate_fp32=p.grad_accum_dtype == "fp32", dp_size=topo.dp_size,
                                    comm_dtype=DTYPES[p.comm_dtype], bucket_size=p.bucket_size)
     if cfg.parallel.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
         return DeepSpeedCPUAdam(groups, lr=peak_lr, betas=tuple(o.betas), eps=o.eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(o.betas), eps=o.eps, fused=True)

@@ -18,7 +18,6 @@ from pretrain.config import DTYPES, Config
 from pretrain.data.info import DatasetInfo
 from pretrain.data.shards import Batch, train_loader
 from pretrain.data.transforms import BatchPreprocess
-from pretrain.train.flops import peak_flops_and_source, train_flops_per_image
 from pretrain.models.backbones import BACKBONES
 from pretrain.parallel import comm
 from pretrain.parallel.pipeline import NO_DATA, pack
@@ -27,11 +26,13 @@ from pretrain.train import checkpoint
 from pretrain.train.engine import Training
 from pretrain.train.evaluation import Evaluation
 from pretrain.train.faults import NO_FAULTS, FaultInjection
+from pretrain.train.flops import peak_flops_and_source, train_flops_per_image
 from pretrain.train.inputs import InputPath, Inputs
 from pretrain.train.metrics import Metrics
 from pretrain.train.optim import set_lr, skip_update_if
 from pretrain.train.preemption import StopSignal
 from pretrain.train.progress import BAD, STOP, TrainState, Window, format_duration, host_number, memory_gb
+
 
 class Preempted(Exception):
     """Training stopped on a signal after saving a checkpoint; the job should be re-run."""
