@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 from typing import Mapping, MutableMapping
+
+
+# What Slurm's preemption (--signal=USR1@...) and scancel send to every process of a job step,
+# to ask it to stop; a rank checkpoints and stops on either (train/preemption.py).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class LaunchError(RuntimeError):

@@ -32,7 +32,9 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import random
+import signal
 import sys
+import threading
 from itertools import count
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -42,6 +44,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from launch.env import STOP_SIGNALS
 from pretrain.config import Config
 from pretrain.data.info import DatasetInfo
 from pretrain.data.masking import MaskGenerator
@@ -252,6 +255,7 @@ class WatchedLoader:
 # modules once, and the package modules this process has loaded, so that a worker, which
 # re-runs the entry script as multiprocessing does, finds its imports already done.
 WORKER_START_METHOD = "forkserver"
+_server_started = False  # this process started its forkserver (with the stop signals ignored)
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -263,11 +267,29 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def start_worker_server() -> None:
-    """Start the workers' forkserver now, so that its imports overlap this process's own start-up."""
-    if WORKER_START_METHOD == "forkserver":
-        _worker_context()
+def start_worker_server() -> multiprocessing.context.BaseContext:
+    """Start the workers' forkserver (once per process) and return the workers' context.
+
+    Called early by the entry point, so that the server's imports overlap this process's own
+    start-up. The stop signals reach every process of a Slurm step, the workers too: the
+    server (and the resource tracker it starts) begin with them ignored, and the workers it
+    forks inherit that (torch's workers still install their own SIGTERM handler, so the rank
+    can terminate them), so a preemption signal stops the rank, which checkpoints and shuts
+    its workers down, instead of killing the workers under it.
+    """
+    global _server_started
+    context = _worker_context()
+    if WORKER_START_METHOD != "forkserver" or _server_started:
+        return context
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS} if main_thread else {}
+    try:
         multiprocessing.forkserver.ensure_running()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    _server_started = True
+    return context
 
 
 def _log_files() -> list[tuple[str, str | None, int]]:
@@ -297,7 +319,7 @@ def _loader(stages: list, workers: int, seed: str, stall_timeout_s: float, what:
     generator = torch.Generator().manual_seed(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
     started = {}
     if workers:  # without workers there is nothing to start or wait on
-        started = dict(multiprocessing_context=_worker_context(), timeout=stall_timeout_s,
+        started = dict(multiprocessing_context=start_worker_server(), timeout=stall_timeout_s,
                        worker_init_fn=functools.partial(_init_worker_logging, _log_files(),
                                                         logging.getLogger().level))
     # Page-locked batches let the trainer's `.to(device, non_blocking=True)` overlap the copy.

@@ -10,13 +10,15 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from launch.env import STOP_SIGNALS
+
 
 class StopSignal:
     """Remembers the first SIGUSR1 / SIGTERM this process received."""
 
     def __init__(self) -> None:
         self.received: str | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
