@@ -340,7 +340,6 @@ def probe() -> dict:
     gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
     try:
         import deepspeed  # noqa: F401  (whether it imports is the finding)
-
         deepspeed_import = "ok"
     except Exception as e:  # noqa: BLE001  (reported, not raised)
         deepspeed_import = f"{type(e).__name__}: {e}"
@@ -365,7 +364,7 @@ def pins(kind: str) -> list[str]:
 
 def preflight() -> int:
     try:
-        import torch  # noqa: F401  (whether it imports is the finding)
+        import torch  # here: whether it imports is the finding
     except Exception as e:  # noqa: BLE001  (one line, no traceback)
         print(f"gpu-check: {sys.executable} cannot import torch ({type(e).__name__}: {e})", file=sys.stderr)
         return 2
@@ -383,11 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated sub-check name prefixes (e.g. train,bench)")
     ap.add_argument("--report", default=None, help="JSON report path")
     args = ap.parse_args(argv)
-    if args.command == "pins":
-        print(" ".join(pins(args.kind)))
-        return 0
-    if args.command == "probe":
-        print(json.dumps(probe()))
+    printed = {"pins": lambda: " ".join(pins(args.kind)), "probe": lambda: json.dumps(probe())}
+    if args.command in printed:
+        print(printed[args.command]())
         return 0
     code = preflight()
     if code or args.command == "preflight":
@@ -396,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: --budget-s must be > 0, got {args.budget_s:g}", file=sys.stderr)
         return 2
     only = tuple(p for p in args.only.split(",") if p)
-    runner = Runner(Budget(args.budget_s), report_path(args.report), only)
-    return runner.run_all()
+    return Runner(Budget(args.budget_s), report_path(args.report), only).run_all()
 
 
 if __name__ == "__main__":
