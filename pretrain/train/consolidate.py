@@ -5,6 +5,13 @@ fp32 master weights of bf16/fp16 runs without ZeRO, pipeline-layer files and
 tensor-parallel shards all come back as the module's own key layout, full tensors, fp32.
 DeepSpeed's file names inside a tag are known here and nowhere else.
 
+Checkpoint files are data, never code: every file is read with `torch.load(weights_only=True)`
+and an allowlist of exactly the Python types DeepSpeed's checkpoints of this pipeline hold
+(`CHECKPOINT_GLOBALS`), including the reads DeepSpeed's own ZeRO consolidation makes, which
+ask for `weights_only=False` (`weights_only_loads` overrides them). A file holding anything
+else is refused with one line naming it, before any of its objects is built. Exporting a
+run directory someone else made therefore runs none of their code.
+
 Importing this module imports DeepSpeed, which picks its accelerator then: entry points
 call `launch.env.default_accelerator()` before importing it.
 """
@@ -12,11 +19,17 @@ call `launch.env.default_accelerator()` before importing it.
 from __future__ import annotations
 
 import json
+import os
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
 
 from pretrain.config import Config
 from pretrain.models.objectives import OBJECTIVES
@@ -35,14 +48,78 @@ def layer_file(layer: int, tp_rank: int) -> str:
     return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
-def _load_model_states(path: Path) -> dict[str, Any]:
-    """DeepSpeed's model-states file: tensors only if possible, else the trusted file this run wrote."""
+# Besides tensors, containers and numbers (which torch allows by itself), the only Python types
+# in DeepSpeed's checkpoints of the layouts this pipeline writes: found by saving the demo under
+# ZeRO 0 (fp32, bf16), ZeRO 1-3 and a pipeline and listing what weights_only=True refuses.
+CHECKPOINT_GLOBALS = [
+    fragment_address,  # ZeRO 1/2 optimizer files: where each parameter sits in the flat partition
+]
+
+_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NOT = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside loads weights only, with `CHECKPOINT_GLOBALS` allowed.
+
+    DeepSpeed's `zero_to_fp32` passes `weights_only=False` explicitly; torch's own switch
+    `TORCH_FORCE_WEIGHTS_ONLY_LOAD` overrides that, so its reads get the same allowlist as ours.
+    """
+    saved = {name: os.environ.pop(name, None) for name in (_FORCE, _FORCE_NOT)}
+    os.environ[_FORCE] = "1"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # DeepSpeed stores Python objects (loss scaler, client state) next to the tensors.
-        # The file was written by our own training run, so unpickling it is trusted here.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with safe_globals(CHECKPOINT_GLOBALS):
+            yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def _refusal(path: Path) -> CheckpointError:
+    """The one-line error for a checkpoint file that weights_only loading refused."""
+    with safe_globals(CHECKPOINT_GLOBALS):
+        try:
+            found = get_unsafe_globals_in_checkpoint(path)  # reads the pickle's opcodes, runs nothing
+        except Exception:
+            found = []
+    what = f" ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})" if found else ""
+    return CheckpointError(f"checkpoint file {path} holds Python objects other than tensors and DeepSpeed's "
+                           f"own types{what}: refused to load it (checkpoints are data, never code)")
+
+
+def load_checkpoint_file(path: Path, mmap: bool = False) -> Any:
+    """One file of a DeepSpeed checkpoint, tensors on the CPU; a one-line error if it is not just data."""
+    try:
+        with weights_only_loads():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise _refusal(path) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {first}") from None
+
+
+def _load_model_states(path: Path) -> dict[str, Any]:
+    """DeepSpeed's model-states file (tensors, numbers, names and the client state)."""
+    return load_checkpoint_file(path)
+
+
+def _zero_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own ZeRO 1-3 consolidation, its file reads held to weights only."""
+    try:
+        with weights_only_loads():
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except pickle.UnpicklingError as e:
+        # Name the file: check each of the tag's files the same way (mapped, so cheaply).
+        for path in sorted((ckpt_dir / tag).glob("*.pt")):
+            load_checkpoint_file(path, mmap=True)
+        raise CheckpointError(f"checkpoint {ckpt_dir / tag}: a file was refused while loading it "
+                              f"(checkpoints are data, never code): {str(e).splitlines()[-1][:200]}") from None
 
 
 def saved_run_state(tag_dir: Path) -> RunState:
@@ -58,7 +135,7 @@ def consolidated_state_dict(cfg: Config, ckpt_dir: Path, tag: str) -> dict[str, 
     if layout.get("pipeline_stages", 1) * layout.get("tensor_parallel", 1) > 1:
         return _model_parallel_state_dict(cfg, tag_dir, layout["pipeline_stages"], layout["tensor_parallel"])
     if cfg.parallel.zero_stage > 0:
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return _zero_state_dict(ckpt_dir, tag)
     states = _load_model_states(tag_dir / model_states_file())
     module = {k: v.float() for k, v in states["module"].items()}
     if cfg.precision == "fp32":
@@ -91,7 +168,7 @@ def _model_parallel_state_dict(cfg: Config, tag_dir: Path, stages: int, tensor: 
             model = OBJECTIVES[cfg.objective.kind](cfg, saved_run_state(tag_dir).num_classes).build_model()
         for index, names in enumerate(full_names(model, pipeline_layers(model))):
             for rank in range(tensor):
-                layer = torch.load(tag_dir / layer_file(index, rank), map_location="cpu", weights_only=True)
+                layer = load_checkpoint_file(tag_dir / layer_file(index, rank))
                 shards[rank].update({names[key]: value for key, value in layer.items() if key in names})
     merged = {}
     for name, value in shards[0].items():
