@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
@@ -52,7 +54,10 @@ def layer_file(layer: int, tp_rank: int) -> str:
 # in DeepSpeed's checkpoints of the layouts this pipeline writes: found by saving the demo under
 # ZeRO 0 (fp32, bf16), ZeRO 1-3 and a pipeline and listing what weights_only=True refuses.
 CHECKPOINT_GLOBALS = [
-    fragment_address,  # ZeRO 1/2 optimizer files: where each parameter sits in the flat partition
+    fragment_address,  # ZeRO 1/2 optimizer files: where each parameter sits in its flat partition
+    ZeroStageEnum,  # ZeRO 1-3 optimizer files: the stage
+    LossScaler,  # ZeRO 1-3 optimizer files of bf16/fp32 runs (a static scale of 1)
+    DynamicLossScaler,  # the same of fp16 runs (CUDA only: read from DeepSpeed's CreateLossScaler)
 ]
 
 _FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
