@@ -1,5 +1,5 @@
 """What the test modules share: running the real entry points on CPU in subprocesses,
-reading a run's metrics, and small synthetic inputs."""
+reading a run's metrics, small synthetic inputs, and a pickle payload that must never run."""
 
 from __future__ import annotations
 
@@ -89,3 +89,13 @@ def photo(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+class Payload:
+    """Unpickling this runs a shell command that leaves `marker` behind."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

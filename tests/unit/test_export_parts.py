@@ -18,18 +18,9 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from pretrain.export import ExportError, head_rows, head_subset_classes, share_as_umask_allows
 from pretrain.train.checkpoint import CheckpointError
 from pretrain.train.consolidate import load_checkpoint_file, weights_only_loads
+from tests.helpers import Payload
 
 TIMM_INFO = Path(timm.__file__).parent / "data" / "_info"
-
-
-class Payload:
-    """Unpickling this runs a shell command that leaves `marker` behind."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def planted(path: Path, marker: Path) -> Path:
