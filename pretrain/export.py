@@ -130,6 +130,10 @@ def export_run(run_dir: Path, out_dir: Path, headless: bool = False, tag: str | 
         model.reset_classifier(0)
         num_classes = 0
     model.eval()
+    img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)  # what the export must reproduce
     label_names = dataset["classes"]
     rows = None
     if subset is not None:
@@ -137,14 +141,12 @@ def export_run(run_dir: Path, out_dir: Path, headless: bool = False, tag: str | 
             raise ExportError(f"--head-subset {head_subset}: run {run_dir} has no classifier head "
                               f"(objective {cfg.objective.kind})")
         rows = head_rows(dataset["classes"], subset, head_subset)
-        full = model
-        model = build_backbone(cfg.model.arch, len(rows), cfg.model.img_size, cfg.model.window_size)
-        kept = {"head.fc.weight": state["head.fc.weight"][rows], "head.fc.bias": state["head.fc.bias"][rows]}
-        model.load_state_dict({**state, **kept}, strict=True)
+        expected = expected[:, rows]  # the whole run's logits at the kept rows
+        model.reset_classifier(len(rows))
+        model.head.fc.load_state_dict({"weight": state["head.fc.weight"][rows], "bias": state["head.fc.bias"][rows]})
         model.eval()
         num_classes, label_names = len(rows), subset
 
-    img_size, _ = resolve_geometry(BACKBONES[cfg.model.arch], cfg.model.img_size, cfg.model.window_size)
     extra = {
         "pretrain": {
             "arch": cfg.model.arch,
@@ -167,11 +169,9 @@ def export_run(run_dir: Path, out_dir: Path, headless: bool = False, tag: str | 
     share_as_umask_allows(out_dir)
 
     # Prove the export: stock timm builds it from config.json alone and reproduces the logits
-    # (with a head subset: the whole run's logits at the kept rows).
+    # of the checkpoint's model (with a head subset: at the kept rows).
     reloaded = timm.create_model(f"local-dir:{out_dir.resolve()}", pretrained=True).eval()
-    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = model(x) if rows is None else full(x)[:, rows]
         diff = (reloaded(x) - expected).abs().max().item()
     if diff > LOGIT_TOLERANCE:
         raise ExportError(f"exported model differs from the checkpoint by {diff:.3g} (> {LOGIT_TOLERANCE})")

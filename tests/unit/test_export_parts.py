@@ -15,7 +15,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from pretrain.export import ExportError, head_rows, head_subset_classes, share_as_umask_allows
+from pretrain.export import ExportError, export_run, head_rows, head_subset_classes, share_as_umask_allows
 from pretrain.train.checkpoint import CheckpointError
 from pretrain.train.consolidate import load_checkpoint_file, weights_only_loads
 from tests.helpers import Payload
@@ -111,6 +111,8 @@ def test_subset_errors_are_one_line_and_name_what_is_wrong(tmp_path):
         with pytest.raises(ExportError, match=expected) as e:
             head_subset_classes(spec)
         assert "\n" not in str(e.value)
+    with pytest.raises(ExportError, match="--head-subset and --headless"):
+        export_run(tmp_path, tmp_path / "out", headless=True, head_subset="imagenet1k")
     with pytest.raises(ExportError) as e:
         head_rows(["cat", "dog"], ["dog", "n01440764", "n01443537"], "imagenet1k")
     assert str(e.value) == ("--head-subset imagenet1k: 2 of its 3 classes are not among the run's 2 classes, "
