@@ -2,7 +2,7 @@
 # The laptop demo, supervised (default) or SimMIM:
 #   launch/demo.sh [supervised|simmim] [--set section.key=value ...]
 # digits -> shards -> 2-process DeepSpeed ZeRO-2 bf16 training of swin_debug -> export ->
-# supervised: held-out top-1 of the export loaded in stock timm;
+# supervised: held-out top-1 of the timm and the transformers exports (the same model: equal);
 # simmim: reconstruction pictures under runs/demo_simmim/images/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +26,10 @@ start=$(date +%s)
 
 rm -rf "$RUN"   # the demo always starts fresh; real runs resume instead
 "$DEEPSPEED" --log_level warning --num_gpus "$NPROC" pretrain/main.py --config "$CONFIG" "$@"
-"$PYTHON" -m pretrain.export --run "$RUN" --out "$RUN/export"
+"$PYTHON" -m pretrain.export --run "$RUN" --out "$RUN/export" --format timm hf official
 if [[ $OBJECTIVE == supervised ]]; then
-    "$PYTHON" -m pretrain.evaluate --model "$RUN/export" --data demo/shards
+    "$PYTHON" -m pretrain.evaluate --model "$RUN/export/timm" --data demo/shards
+    "$PYTHON" -m pretrain.evaluate --model "$RUN/export/hf" --data demo/shards
 else
     echo "reconstructions (input | masked | reconstruction): $(ls "$RUN"/images/*.png | tail -1)"
 fi

@@ -1,10 +1,13 @@
-"""Evaluate an exported model with stock timm on a split of a shard directory.
+"""Evaluate an exported model on a split of a shard directory, in the export's own library.
 
     python -m pretrain.evaluate --model EXPORT_DIR --data SHARD_DIR [--split val]
 
-The model is built by `timm.create_model("local-dir:EXPORT_DIR", pretrained=True)` and
-its preprocessing comes from the export's config.json, so this measures exactly what a
-downstream user of the export gets.
+A timm export is built by `timm.create_model("local-dir:EXPORT_DIR", pretrained=True)` with
+the preprocessing of its config.json; a transformers export (`--format hf`) by
+`from_pretrained(EXPORT_DIR)` with the size, crop, interpolation and normalization of its
+preprocessor_config.json. Either way this measures what a downstream user of the export
+gets. The export's label map must be the shards' (a 22K run exported with
+`--head-subset imagenet1k` evaluates on ImageNet-1K shards directly).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -23,6 +28,8 @@ from pretrain.config import ConfigError
 from pretrain.data.info import DatasetInfo
 from pretrain.data.shards import wanted_member
 from pretrain.data.transforms import decode_sample
+from pretrain.export import hf_format
+from pretrain.export.exported import ExportError
 from pretrain.models.objectives import topk_hits
 
 
@@ -39,15 +46,33 @@ def _batches(samples, transform, batch_size: int):
         yield torch.stack(images), torch.tensor(labels)
 
 
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
+
+
+def _timm_model(model_dir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any]:
+    model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=True).eval()
+    return model, create_transform(**resolve_data_config(model=model), is_training=False)
+
+
+def _hf_model(model_dir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any]:
+    model, _ = hf_format.load(model_dir)
+    p = json.loads((model_dir / "preprocessor_config.json").read_text())
+    size = p["size"]["shortest_edge"]
+    transform = create_transform(input_size=(3, size, size), crop_pct=p["crop_pct"], mean=tuple(p["image_mean"]),
+                                 std=tuple(p["image_std"]), interpolation=_RESAMPLE[p["resample"]], is_training=False)
+    return (lambda images: hf_format.outputs(model, images)), transform
+
+
 def evaluate_export(model_dir: Path, data_dir: Path, split: str = "val", batch_size: int = 100) -> dict[str, float]:
     info = DatasetInfo.read(data_dir, source="--data")
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"--model {model_dir}: no config.json there (a directory written by pretrain.export?)")
     config = json.loads((model_dir / "config.json").read_text())
     trained_on = config.get("pretrain", {}).get("label_map_version")
     if trained_on and trained_on != info.label_map_version:
-        raise SystemExit(f"error: {model_dir} was trained with label map {trained_on}, "
-                         f"{data_dir} has {info.label_map_version}")
-    model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=True).eval()
-    transform = create_transform(**resolve_data_config(model=model), is_training=False)
+        raise ConfigError(f"--model {model_dir} was trained with label map {trained_on}, "
+                          f"--data {data_dir} has {info.label_map_version}")
+    model, transform = (_hf_model if "model_type" in config else _timm_model)(model_dir)
 
     n = top1 = top5 = 0
     urls = info.shard_paths(split, data_dir)
@@ -70,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         r = evaluate_export(args.model, args.data, args.split)
-    except ConfigError as e:
+    except (ConfigError, ExportError) as e:
         print(f"evaluate error: {e}", file=sys.stderr)
         return 2
+    library = "transformers" if (args.model / "preprocessor_config.json").is_file() else "stock timm"
     print(f"held-out top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  on {r['samples']} {args.split} images "
-          f"(stock timm, {args.model})")
+          f"({library}, {args.model})")
     return 0
 
 

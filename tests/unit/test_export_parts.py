@@ -15,7 +15,9 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from pretrain.export import ExportError, export_run, head_rows, head_subset_classes, share_as_umask_allows
+from pretrain.export.exported import ExportError, share_as_umask_allows
+from pretrain.export.heads import head_rows, head_subset_classes
+from pretrain.export.run import export_run
 from pretrain.train.checkpoint import CheckpointError
 from pretrain.train.consolidate import load_checkpoint_file, weights_only_loads
 from tests.helpers import Payload
@@ -127,7 +129,7 @@ def test_export_files_get_the_users_umask(tmp_path, umask):
     (tmp_path / "mine.txt").chmod(0o600)
     old = os.umask(umask)
     try:
-        share_as_umask_allows(tmp_path)
+        share_as_umask_allows(tmp_path, ["model.safetensors", "config.json"])
     finally:
         os.umask(old)
     for name in ("model.safetensors", "config.json"):
