@@ -34,7 +34,7 @@ def _evaluation(exported: Exported) -> list[str]:
     return [f"The run's last evaluation (step {step}, on its held-out split):", "", *_rows(pairs), *note]
 
 
-def model_card(exported: Exported, usages: dict[str, Callable[[str], str]], dirs: dict[str, Path],
+def model_card(exported: Exported, usages: dict[str, Callable[[Exported, str], str]], dirs: dict[str, Path],
                out_dir: Path) -> str:
     """The card's Markdown; `dirs` says where each format's files are, relative to `out_dir`."""
     spec, facts = exported.spec, exported.facts
@@ -71,7 +71,7 @@ def model_card(exported: Exported, usages: dict[str, Callable[[str], str]], dirs
     for fmt, directory in dirs.items():
         where = directory.relative_to(out_dir).as_posix() if directory != out_dir else "."
         path = str(out_dir / where) if where != "." else str(out_dir)
-        lines += [f"### {fmt} (`{where}`)", "", "```python", usages[fmt](path).rstrip(), "```", ""]
+        lines += [f"### {fmt} (`{where}`)", "", "```python", usages[fmt](exported, path).rstrip(), "```", ""]
     lines += ["Every format was checked when it was written: loaded by its own library, its outputs "
               "matched the trained model's on a random batch to within 1e-4.", ""]
     return "\n".join(lines)

@@ -240,8 +240,15 @@ def verify(exported: Exported, out_dir: Path) -> float:
         return check_close("the hf export's output", ours, outputs(model, x), out_dir)
 
 
-def usage(out_dir: str) -> str:
-    return ("from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification\n\n"
+# The Auto class that builds each architecture from the directory.
+_AUTO = {"classification": "AutoModelForImageClassification", "base": "AutoModel",
+         "masked": "AutoModelForMaskedImageModeling"}
+
+
+def usage(exported: Exported, out_dir: str) -> str:
+    family = FAMILIES[exported.spec.is_v2]
+    kind = {family.classification: "classification", family.base: "base", family.masked: "masked"}
+    auto = _AUTO[kind[_architecture(exported)]]
+    return (f"from transformers import AutoImageProcessor, {auto}\n\n"
             f'processor = AutoImageProcessor.from_pretrained("{out_dir}")\n'
-            f'model = AutoModelForImageClassification.from_pretrained("{out_dir}")  # AutoModel: the encoder only\n'
-            f"# SimMIM exports: transformers.AutoModelForMaskedImageModeling.from_pretrained(\"{out_dir}\")\n")
+            f'model = {auto}.from_pretrained("{out_dir}")  # {_architecture(exported)}\n')

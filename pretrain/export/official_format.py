@@ -9,7 +9,8 @@ timm's in names, order and buffers:
 - the classifier is `head`, not `head.fc`;
 - the window buffers are persistent there (`relative_position_index`, V2's `relative_coords_table`,
   `attn_mask` of shifted blocks), so the file holds them, with the values the official code computes;
-- tensors follow the official registration order (V2 blocks: norm1 before attn, norm2 before mlp).
+- tensors follow the official registration order (V2 blocks: norm1 before attn, norm2 before mlp;
+  V1 patch merging: reduction before norm).
 
 Patch merging concatenates the four 2x2 neighbours in the same order in both (top-left, bottom-left,
 top-right, bottom-right), so `reduction`/`norm` weights are copied as they are.
@@ -212,20 +213,22 @@ def verify(exported: Exported, out_dir: Path) -> float:
                            exported.model(x), fresh(x), path)
 
 
-def usage(out_dir: str) -> str:
-    return (
-        "# In a clone of github.com/microsoft/Swin-Transformer, with this card's img_size, embed_dim, depths,\n"
-        "# num_heads, window_size and num_classes (swinv2_*: models.swin_transformer_v2.SwinTransformerV2):\n"
-        "import torch\n"
-        "from models.swin_transformer import SwinTransformer\n\n"
-        "model = SwinTransformer(img_size=..., embed_dim=..., depths=..., num_heads=..., window_size=..., "
-        "num_classes=...)\n"
+def usage(exported: Exported, out_dir: str) -> str:
+    spec = exported.spec
+    module, cls = ("swin_transformer_v2", "SwinTransformerV2") if spec.is_v2 else ("swin_transformer", "SwinTransformer")
+    lines = [
+        "# in a clone of github.com/microsoft/Swin-Transformer",
+        "import torch",
+        f"from models.{module} import {cls}",
+        "",
+        f"model = {cls}(img_size={exported.img_size}, patch_size={spec.patch_size}, embed_dim={spec.embed_dim}, "
+        f"depths={list(spec.depths)}, num_heads={list(spec.num_heads)}, window_size={exported.window_size}, "
+        f"num_classes={exported.num_classes})",
         f'model.load_state_dict(torch.load("{out_dir}/{FILE}", map_location="cpu", weights_only=True)["model"], '
-        "strict=True)\n\n"
-        "# Swin V1 as a detection / segmentation backbone (their converters read V1 only):\n"
-        '# mmdet: backbone=dict(type="SwinTransformer", ..., convert_weights=True,\n'
-        f'#                     init_cfg=dict(type="Pretrained", checkpoint="{out_dir}/{FILE}"))\n'
-        f"# mmseg: python tools/model_converters/swin2mmseg.py {out_dir}/{FILE} swin_mmseg.pth, then\n"
-        '#        backbone=dict(type="SwinTransformer", ..., init_cfg=dict(type="Pretrained", '
-        'checkpoint="swin_mmseg.pth"))\n'
-    )
+        "strict=True)",
+    ]
+    if not spec.is_v2:  # mmdet's and mmseg's converters read Swin V1 only
+        lines += ["# mmdet: backbone=dict(type=\"SwinTransformer\", ..., convert_weights=True,",
+                  f"#     init_cfg=dict(type=\"Pretrained\", checkpoint=\"{out_dir}/{FILE}\"))",
+                  f"# mmseg: python tools/model_converters/swin2mmseg.py {out_dir}/{FILE} swin_mmseg.pth first"]
+    return "\n".join(lines) + "\n"

@@ -51,6 +51,6 @@ def verify(exported: Exported, out_dir: Path) -> float:
         return check_close("the timm export's output", exported.model(x), reloaded(x), out_dir)
 
 
-def usage(out_dir: str) -> str:
+def usage(exported: Exported, out_dir: str) -> str:
     return (f'import timm\n\nmodel = timm.create_model("local-dir:{out_dir}", pretrained=True)\n'
             f"config = timm.data.resolve_data_config(model=model)  # the run's size, crop and normalization\n")

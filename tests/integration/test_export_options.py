@@ -1,20 +1,29 @@
 """`python -m pretrain.export` on a real demo run (one process, ZeRO-2, bf16: DeepSpeed's own ZeRO
-consolidation reads its files): planted pickles refused, file modes from the umask, head subsets."""
+consolidation reads its files): planted pickles refused, file modes from the umask, head subsets,
+every format in one call, the timm and transformers exports scoring alike."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+import webdataset as wds
 from safetensors.torch import load_file
+from timm.data import create_transform, resolve_data_config
 
+from pretrain.data.digits import write_digits
+from pretrain.data.info import DatasetInfo
+from pretrain.data.transforms import decode_sample
+from pretrain.data.write_shards import write_shards
+from pretrain.evaluate import evaluate_export
 from pretrain.train.consolidate import CHECKPOINT_GLOBALS
-from tests.helpers import Payload, run
+from tests.helpers import Payload, final_eval, run
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +114,68 @@ def test_a_class_the_run_lacks_is_one_line_naming_it(demo, tmp_path):
                     f"the run's 10 classes, first 'cat'")
     proc = export(demo, tmp_path / "in1k", "--head-subset", "imagenet1k", check=False)
     assert "1000 of its 1000 classes are not among the run's 10 classes, first 'n01440764'" in one_line_error(proc)
+
+
+@pytest.fixture(scope="module")
+def every_format(demo, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("formats") / "export"
+    export(demo, out, "--format", "timm", "hf", "official")
+    return out
+
+
+def test_every_format_in_one_call_with_a_model_card_each(demo, every_format):
+    for fmt, files in {"timm": ["model.safetensors", "config.json"],
+                       "hf": ["model.safetensors", "config.json", "preprocessor_config.json"],
+                       "official": ["model.pth"]}.items():
+        for name in [*files, "README.md"]:
+            assert (every_format / fmt / name).is_file(), (fmt, name)
+    card = (every_format / "README.md").read_text()
+    assert card == (every_format / "hf" / "README.md").read_text()
+    evaluation = final_eval(demo)
+    for expected in ("swin_debug", "| optimizer steps | 2 |", "| classes | 10 |", f"{evaluation['eval/top1']:.4f}",
+                     "--format timm hf official", "### timm (`timm`)", "### hf (`hf`)", "### official (`official`)",
+                     "AutoModelForImageClassification", 'timm.create_model("local-dir:'):
+        assert expected in card, expected
+    official = torch.load(every_format / "official" / "model.pth", map_location="cpu", weights_only=True)
+    timm_weights = load_file(every_format / "timm" / "model.safetensors")
+    assert torch.equal(official["model"]["head.weight"], timm_weights["head.fc.weight"])
+
+
+def test_the_timm_and_the_hf_exports_score_the_same(every_format, shards):
+    scores = {}
+    for fmt in ("timm", "hf"):
+        out = run(["python", "-m", "pretrain.evaluate", "--model", str(every_format / fmt), "--data", str(shards)])
+        scores[fmt] = re.search(r"held-out top-1 ([\d.]+)  top-5 ([\d.]+)  on (\d+) val", out.stdout).groups()
+    assert scores["timm"] == scores["hf"] and scores["hf"][2] == "179", scores
+    assert "transformers" in out.stdout
+
+
+def test_a_head_subset_export_evaluates_on_shards_of_those_classes(demo, tmp_path):
+    """The way a 22K model is checked on ImageNet-1K: shards of the kept classes, in that order."""
+    images = tmp_path / "images"
+    write_digits(images)
+    for folder in images.iterdir():
+        if folder.name not in ("0", "3", "7"):
+            shutil.rmtree(folder)
+    write_shards(images, tmp_path / "shards", val_fraction=0.1, shard_samples=100)
+    (tmp_path / "subset.txt").write_text("0\n3\n7\n")
+    export(demo, tmp_path / "sub", "--head-subset", str(tmp_path / "subset.txt"))
+    result = evaluate_export(tmp_path / "sub", tmp_path / "shards")
+
+    # The same images through the whole 10-class model, its logits at the kept rows.
+    full = timm.create_model(f"local-dir:{demo / 'export'}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config(model=full), is_training=False)
+    info = DatasetInfo.read(tmp_path / "shards")
+    samples = wds.DataPipeline(wds.SimpleShardList(info.shard_paths("val", tmp_path / "shards")),
+                               wds.tarfile_to_samples())
+    hits = n = 0
+    label_names = json.loads((demo / "export" / "config.json").read_text())["label_names"]
+    rows = [label_names.index(c) for c in ("0", "3", "7")]
+    for sample in samples:
+        image, label = decode_sample(sample)
+        with torch.no_grad():
+            logits = full(transform(image)[None])[0, rows]
+        hits += int(logits.argmax()) == label
+        n += 1
+    assert result["samples"] == n > 0
+    assert result["top1"] == hits / n
