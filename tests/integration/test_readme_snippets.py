@@ -3,7 +3,8 @@
 A block names the inputs a reader must supply as placeholders, one per line:
 `NAME = "example value"  # placeholder: what it is`. The test binds each to a real one
 (PLACEHOLDERS below) and runs the block; a placeholder it does not know fails the test, as
-does any block that raises. Shell blocks are not run.
+does any block that raises. Shell blocks are not run, nor ```py blocks (config files of other
+frameworks, such as mmdetection's).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ README = REPO / "README.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 PLACEHOLDER = re.compile(r"^(?P<name>\w+) = .*#\s*placeholder\b.*$", re.M)
 # Each placeholder the README may use: a function of the demo export directory giving its value.
-PLACEHOLDERS = {"EXPORT_DIR": lambda export: str(export)}
+PLACEHOLDERS = {"EXPORT_DIR": lambda export: str(export / "timm"), "HF_DIR": lambda export: str(export / "hf"),
+                "OFFICIAL_PTH": lambda export: str(export / "official" / "model.pth")}
 
 
 def python_blocks() -> list[str]:
@@ -29,11 +31,13 @@ def python_blocks() -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo_export(tmp_path_factory, shards) -> Path:
-    """The demo trained for 2 steps by one plain `python pretrain/main.py` process, then exported."""
+    """The demo trained for 2 steps by one plain `python pretrain/main.py` process, then exported
+    in every format (OUT/timm, OUT/hf, OUT/official)."""
     run_dir = tmp_path_factory.mktemp("readme") / "run"
     train(run_dir, shards, "schedule.total_steps=2", launcher="python", nproc=1)
     out = run_dir.parent / "export"
-    run([sys.executable, "-m", "pretrain.export", "--run", str(run_dir), "--out", str(out)])
+    run([sys.executable, "-m", "pretrain.export", "--run", str(run_dir), "--out", str(out),
+         "--format", "timm", "hf", "official"])
     return out
 
 
