@@ -1,4 +1,5 @@
-"""SimMIM through the real entry point: 2 ranks, ZeRO-2, then export and supervised init from it."""
+"""SimMIM through the real entry point: 2 ranks, ZeRO-2, then export (timm, transformers) and supervised
+init from it."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import transformers
 from safetensors.torch import load_file
 
+from pretrain.models.simmim import SimMIM
 from tests.helpers import metrics, run, train
 
 
@@ -63,3 +66,32 @@ def test_supervised_run_starts_from_the_simmim_backbone(simmim_run, shards, tmp_
     assert set(finetuned) - set(pretrained) == {"head.fc.weight", "head.fc.bias"}
     for name, value in pretrained.items():
         assert torch.equal(finetuned[name], value), name
+
+
+def test_hf_export_reproduces_the_runs_reconstructions_and_headless_is_the_encoder(simmim_run, tmp_path):
+    """A trained 2-rank ZeRO-2 bf16 run: the whole SimMIM model in transformers, and the encoder alone."""
+    whole, headless = tmp_path / "whole", tmp_path / "headless"
+    run(["python", "-m", "pretrain.export", "--run", str(simmim_run), "--out", str(whole), "--format", "hf"])
+    run(["python", "-m", "pretrain.export", "--run", str(simmim_run), "--out", str(headless), "--format", "hf",
+         "--headless"])
+    assert json.loads((whole / "config.json").read_text())["architectures"] == ["SwinForMaskedImageModeling"]
+    assert json.loads((headless / "config.json").read_text())["architectures"] == ["SwinModel"]
+    encoder = load_file(headless / "model.safetensors")
+    masked = load_file(whole / "model.safetensors")
+    assert {f"swin.{k}" for k in encoder} | {"swin.embeddings.mask_token", "decoder.0.weight",
+                                             "decoder.0.bias"} == set(masked)
+    for name, value in encoder.items():
+        assert torch.equal(masked[f"swin.{name}"], value), name
+
+    # The reconstruction of the run's own SimMIM model, rebuilt from its timm export, mask token
+    # and decoder (read back from the hf file), against transformers' on the same masked images.
+    model = transformers.AutoModelForMaskedImageModeling.from_pretrained(whole).eval()
+    encoder_timm = timm.create_model(f"local-dir:{simmim_run / 'export'}", pretrained=True).eval()
+    ours = SimMIM(encoder_timm).eval()
+    ours.mask_token.data = masked["swin.embeddings.mask_token"].reshape(1, 1, 1, -1)
+    ours.decoder.load_state_dict({"0.weight": masked["decoder.0.weight"], "0.bias": masked["decoder.0.bias"]})
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(4)) < 0.6
+    with torch.no_grad():
+        theirs = model(pixel_values=x, bool_masked_pos=mask.flatten(1)).reconstruction
+        torch.testing.assert_close(theirs, ours(x, mask.float()), rtol=0, atol=1e-4)
