@@ -20,18 +20,25 @@ def _rows(pairs: list[tuple[str, object]]) -> list[str]:
     return ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in pairs if value not in (None, ""))]
 
 
+def _number(value: object) -> object:
+    """Counts as integers, rates to four places."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) >= 1 else f"{value:.4f}"
+    return value
+
+
 def _evaluation(exported: Exported) -> list[str]:
     evaluation = exported.facts.get("evaluation") or {}
     if not evaluation:
         return ["The run recorded no evaluation."]
     step = evaluation.get("step")
-    pairs = [(key.removeprefix("eval/"), f"{value:.4f}" if isinstance(value, float) else value)
-             for key, value in evaluation.items() if key != "step"]
+    pairs = [(key.removeprefix("eval/"), _number(value)) for key, value in evaluation.items() if key != "step"]
     note = []
     if exported.facts.get("head_subset"):
         note = ["", "These are the run's numbers over all its classes; the head subset's accuracy "
                 "needs `python -m pretrain.evaluate` on shards of those classes."]
-    return [f"The run's last evaluation (step {step}, on its held-out split):", "", *_rows(pairs), *note]
+    return [f"The run's last evaluation (step {step}, on its held-out split, in the training precision "
+            f"{exported.facts.get('precision')}):", "", *_rows(pairs), *note]
 
 
 def model_card(exported: Exported, usages: dict[str, Callable[[Exported, str], str]], dirs: dict[str, Path],

@@ -209,6 +209,7 @@ def write(exported: Exported, out_dir: Path) -> list[str]:
 def load(out_dir: Path) -> tuple[torch.nn.Module, dict[str, list[str]]]:
     """The export as transformers builds it from the directory alone, and what it reported missing."""
     check_available()
+    transformers.logging.disable_progress_bar()  # one bar per load would bury the export's own lines
     config = transformers.AutoConfig.from_pretrained(out_dir)
     model_class = getattr(transformers, config.architectures[0])
     model, info = model_class.from_pretrained(out_dir, output_loading_info=True)
