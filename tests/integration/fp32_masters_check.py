@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from pretrain import main as entry  # noqa: E402  (picks DeepSpeed's accelerator before DeepSpeed is imported)
 from pretrain.train import engine as engine_module  # noqa: E402
+from pretrain.train.mixed_precision import MixedPrecisionAdamW  # noqa: E402
 from pretrain.train.trainer import Trainer  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
@@ -31,11 +32,15 @@ models: list[torch.nn.Module] = []  # the model each rank built, after tensor pa
 
 def live_master(optimizer: Any, param: torch.nn.Parameter) -> torch.Tensor | None:
     """The fp32 master of `param`: partitioned optimizers (BF16_Optimizer, ZeRO) through DeepSpeed's
-    accessor (a collective over the data-parallel group); DeepSpeed's unfused one by its pairing."""
+    accessor (a collective over the data-parallel group); unpartitioned ones (DeepSpeed's unfused
+    one, our MixedPrecisionAdamW) by their pairing of module weights and masters."""
     master = safe_get_full_fp32_param(param)
     if master is None:
-        for low, high in zip(getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups", [])):
-            master = next((h for l, h in zip(low, high) if l is param), master)
+        pairs = [pair for low, high in zip(getattr(optimizer, "fp16_groups", []), getattr(optimizer, "fp32_groups", []))
+                 for pair in zip(low, high)]
+        if isinstance(optimizer, MixedPrecisionAdamW):
+            pairs = optimizer._pairs()
+        master = next((high for low, high in pairs if low is param), None)
     return None if master is None else master.detach().float().cpu().clone()
 
 

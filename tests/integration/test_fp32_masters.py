@@ -83,7 +83,8 @@ def model_parallel_run(tmp_path_factory, shards) -> Path:
 
 def test_pipeline_and_tensor_parallel_export_is_the_optimizers_fp32_masters(model_parallel_run):
     ranks = live(model_parallel_run)
-    assert sorted((r["stage"], r["tp_rank"], r["dp_rank"]) for r in ranks) == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
+    grid = sorted((r["stage"], r["tp_rank"], r["dp_rank"]) for r in ranks)
+    assert grid == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
     assert_export_is_the_masters(consolidated(model_parallel_run), ranks)
 
 
