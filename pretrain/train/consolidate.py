@@ -62,6 +62,10 @@ def model_states_file(tp_rank: int = 0) -> str:
     return f"mp_rank_{tp_rank:02d}_model_states.pt"
 
 
+# ZeRO-3's model-states file of data-parallel rank 0 (the weights live in its optimizer files).
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+
+
 def layer_file(layer: int, tp_rank: int) -> str:
     """DeepSpeed's file of one pipeline layer's weights (tensor-parallel shard `tp_rank`)."""
     return f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt"
@@ -150,8 +154,12 @@ def _zero_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def saved_run_state(tag_dir: Path) -> RunState:
-    """The run state the checkpoint in `tag_dir` recorded."""
-    return RunState.from_client_state(_load_model_states(tag_dir / model_states_file()))
+    """The run state the checkpoint in `tag_dir` recorded (in rank 0's model-states file, which
+    ZeRO-3, partitioning the weights, names after its data-parallel rank)."""
+    path = tag_dir / model_states_file()
+    if not path.is_file() and (tag_dir / ZERO3_MODEL_STATES).is_file():
+        path = tag_dir / ZERO3_MODEL_STATES
+    return RunState.from_client_state(_load_model_states(path))
 
 
 def consolidated_state_dict(cfg: Config, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
