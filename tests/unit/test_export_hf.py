@@ -34,6 +34,14 @@ def exported_model(arch: str, num_classes: int, simmim: bool = False, seed: int 
                     facts={"step": 4, "label_map_version": "abc"})
 
 
+def written_and_loaded(exported: Exported, out_dir, auto_class) -> torch.nn.Module:
+    """Write the hf export, load it with a transformers Auto class; every key must be in place."""
+    hf_format.write(exported, out_dir)
+    model, info = auto_class.from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
 def images(n: int = 3) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
@@ -41,15 +49,13 @@ def images(n: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_classifier_loads_with_every_key_and_gives_the_timm_logits(tmp_path, arch):
     exported = exported_model(arch, 10)
-    hf_format.write(exported, tmp_path)
-    model, info = transformers.AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    model = written_and_loaded(exported, tmp_path, transformers.AutoModelForImageClassification)
     expected_class = {"swin_debug": transformers.SwinForImageClassification,
                       "swinv2_debug": transformers.Swinv2ForImageClassification}[arch]
     assert type(model) is expected_class
     x = images()
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(pixel_values=x).logits, exported.model(x), rtol=0, atol=TOLERANCE)
+        torch.testing.assert_close(model(pixel_values=x).logits, exported.model(x), rtol=0, atol=TOLERANCE)
     assert hf_format.verify(exported, tmp_path) <= TOLERANCE
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["id2label"]["0"] == "tench, Tinca tinca"  # readable names where timm knows the synset
@@ -60,27 +66,23 @@ def test_classifier_loads_with_every_key_and_gives_the_timm_logits(tmp_path, arc
 @pytest.mark.parametrize("arch", ARCHS)
 def test_headless_is_the_bare_encoder_with_timms_pooled_features(tmp_path, arch):
     exported = exported_model(arch, 0)
-    hf_format.write(exported, tmp_path)
-    model, info = transformers.AutoModel.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    model = written_and_loaded(exported, tmp_path, transformers.AutoModel)
     assert type(model).__name__ == {"swin_debug": "SwinModel", "swinv2_debug": "Swinv2Model"}[arch]
     x = images()
     with torch.no_grad():
         pooled = exported.model.forward_head(exported.model.forward_features(x), pre_logits=True)
-        torch.testing.assert_close(model.eval()(pixel_values=x).pooler_output, pooled, rtol=0, atol=TOLERANCE)
+        torch.testing.assert_close(model(pixel_values=x).pooler_output, pooled, rtol=0, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_simmim_reconstructions_are_reproduced_in_transformers(tmp_path, arch):
     exported = exported_model(arch, 0, simmim=True)
-    hf_format.write(exported, tmp_path)
-    model, info = transformers.AutoModelForMaskedImageModeling.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model = written_and_loaded(exported, tmp_path, transformers.AutoModelForMaskedImageModeling)
     x = images()
     mask = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(2)) < 0.6
     with torch.no_grad():
         ours = exported.simmim(x, mask.float())
-        theirs = model.eval()(pixel_values=x, bool_masked_pos=mask.flatten(1)).reconstruction
+        theirs = model(pixel_values=x, bool_masked_pos=mask.flatten(1)).reconstruction
     assert ours.shape == (3, 3, 32, 32)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=TOLERANCE)
     assert hf_format.verify(exported, tmp_path) <= TOLERANCE
