@@ -46,9 +46,6 @@ def _batches(samples, transform, batch_size: int):
         yield torch.stack(images), torch.tensor(labels)
 
 
-_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
-
-
 def _timm_model(model_dir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], Any]:
     model = timm.create_model(f"local-dir:{model_dir.resolve()}", pretrained=True).eval()
     return model, create_transform(**resolve_data_config(model=model), is_training=False)
@@ -58,8 +55,9 @@ def _hf_model(model_dir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], 
     model, _ = hf_format.load(model_dir)
     p = json.loads((model_dir / "preprocessor_config.json").read_text())
     size = p["size"]["shortest_edge"]
+    interpolation = {code: name for name, code in hf_format.RESAMPLE.items()}[p["resample"]]
     transform = create_transform(input_size=(3, size, size), crop_pct=p["crop_pct"], mean=tuple(p["image_mean"]),
-                                 std=tuple(p["image_std"]), interpolation=_RESAMPLE[p["resample"]], is_training=False)
+                                 std=tuple(p["image_std"]), interpolation=interpolation, is_training=False)
     return (lambda images: hf_format.outputs(model, images)), transform
 
 

@@ -35,6 +35,7 @@ except ImportError:  # the optional extra: check_available() says how to install
     transformers = None
 
 FILES = ["model.safetensors", "config.json", "preprocessor_config.json"]
+RESAMPLE = {"bilinear": 2, "bicubic": 3}  # interpolation -> PIL's code, as preprocessor_config.json holds it
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def preprocessor_config(exported: Exported) -> dict[str, Any]:
     processor does exactly this below 384 pixels; at 384 and above it resizes to size x size)."""
     return {"image_processor_type": "ConvNextImageProcessor", "do_resize": True,
             "size": {"shortest_edge": exported.img_size}, "crop_pct": exported.crop_pct,
-            "resample": {"bicubic": 3, "bilinear": 2}[exported.interpolation], "do_rescale": True,
+            "resample": RESAMPLE[exported.interpolation], "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(exported.mean),
             "image_std": list(exported.std)}
 
